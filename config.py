@@ -1,0 +1,313 @@
+"""Run configuration: typed dataclass defaults <- YAML file (+ one level of `_base_`) <- `key=value` overrides.
+
+    cfg = load_config("configs/gta5_bisenet_adv.yaml", ["train.lr=1e-3", "adapt.lambda_adv=0.002"])
+    cfg.train.lr, cfg.data.source.size, cfg.adapt.name
+
+Strict by construction: an unknown key is an error that names the key and the nearest valid one, a value
+of the wrong type names the key, the value and the type expected, and a choice outside its `Literal`
+names the allowed values. `dump_config` writes YAML that `load_config` reads back to an equal object.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that is not what the schema expects."""
+
+
+# ----------------------------------------------------------------------------------------------- schema
+@dataclass
+class DatasetConfig:
+    name: Literal["gta5", "cityscapes", "synthetic"] = "cityscapes"
+    root: str = "data/Cityscapes"
+    split: str = "train"
+    size: list[int] = field(default_factory=lambda: [1024, 512])  # [width, height] after resizing
+    # synthetic only: which generated domain to read, `source` (GTA5 layout) or `target` (Cityscapes layout)
+    domain: Literal["source", "target"] = "target"
+    list_file: str | None = None  # gta5: optional text file of image names (e.g. 00001.png), one per line
+    pseudo_labels: str | None = None  # cityscapes: folder of train-id pseudo-label PNGs used as labels
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations of the labelled source; each value is that augmentation's probability (0 = off)."""
+
+    hflip: float = 0.0
+    scale_crop: float = 0.0
+    scale_range: list[float] = field(default_factory=lambda: [0.75, 1.5])
+    color_jitter: float = 0.0
+    jitter_strength: float = 0.25
+    blur: float = 0.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    brightness: float = 0.0
+    brightness_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    noise: float = 0.0
+    noise_std: float = 8.0  # on the 0-255 pixel scale
+    grayscale: float = 0.0
+
+
+@dataclass
+class SyntheticConfig:
+    """How `datasets.synthetic` generates the two domains when a `synthetic` root does not exist yet."""
+
+    num_source: int = 600
+    num_target: int = 600
+    num_val: int = 150
+    height: int = 256
+    width: int = 512
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: DatasetConfig = field(
+        default_factory=lambda: DatasetConfig(name="gta5", root="data/GTA5", split="train", size=[1280, 720]))
+    target: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="train"))
+    val: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="val"))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Pixels stay uint8 RGB in the loaders and are normalised on the device (FDA and DACS work on raw pixels):
+    # `imagenet` = RGB / 255, ImageNet mean/std (torchvision weights); `caffe` = BGR minus the caffe means.
+    normalize: Literal["imagenet", "caffe"] = "imagenet"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["deeplabv2", "bisenet"] = "bisenet"
+    backbone: Literal["resnet18", "resnet101"] = "resnet18"
+    pretrained: str = "none"  # none | imagenet | PATH to a state dict
+    num_classes: int = 19
+    # Where a ResNet bottleneck strides: `v1.5` (torchvision, in the 3x3) or `v1` (caffe DeepLab weights, in the 1x1).
+    resnet_variant: Literal["v1", "v1.5"] = "v1.5"
+    aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    freeze_bn: bool = False  # freeze BN affine parameters (DeepLabV2 recipe)
+    aux_head: bool = False  # DeepLabV2: extra classifier on layer3 (multi-level training)
+    aux_weight: float = 1.0  # weight of each auxiliary segmentation loss
+
+
+@dataclass
+class AdaptConfig:
+    name: Literal["none", "adversarial", "fda", "dacs"] = "none"
+    # adversarial (AdaptSegNet)
+    multi_level: bool = False
+    lambda_adv: float = 0.001
+    lambda_adv_aux: float = 0.0002
+    gan: Literal["bce", "ls"] = "bce"
+    discriminator: Literal["standard", "light"] = "standard"
+    d_lr: float = 1e-4
+    d_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    source_label: float = 0.0
+    target_label: float = 1.0
+    # FDA
+    beta: float = 0.01
+    entropy_weight: float = 0.005
+    entropy_eta: float = 2.0
+    entropy_start: int = 0
+    # DACS
+    ema_alpha: float = 0.99
+    pseudo_threshold: float = 0.968
+    jitter_strength: float = 0.25
+    jitter_p: float = 0.8
+    blur_p: float = 0.5
+    mix_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    iters: int | None = None  # when set, overrides epochs
+    batch_size: int = 8
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 2.5e-2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA autocast dtype; CPU always runs in float32
+    workers: int = 4
+    log_interval: int = 50
+    eval_interval: int = 0  # iterations between validations; 0 = at the end only
+    checkpoint_interval: int = 500
+    sync_bn: bool = False
+    deterministic: bool = False
+    vis_images: int = 4  # validation images drawn into TensorBoard
+
+
+@dataclass
+class EvalConfig:
+    # `protocol`: score at the configured val size (1024x512); `full`: at the original label size (2048x1024)
+    label_size: Literal["protocol", "full"] = "protocol"
+    batch_size: int = 1
+
+
+@dataclass
+class Config:
+    name: str = ""  # the config file's stem when empty; names the run folder
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (its `_base_` files first), apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    merged: dict = {}
+    bases = raw.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list):
+        raise ConfigError(f"{path}: `_base_` must be a list of YAML paths, got {bases!r}")
+    for base in bases:
+        base_path = (path.parent / base).resolve()
+        base_raw = _read_yaml(base_path)
+        if "_base_" in base_raw:
+            raise ConfigError(f"{base_path}: a `_base_` file cannot have a `_base_` of its own (one level only)")
+        _deep_merge(merged, base_raw)
+    _deep_merge(merged, raw)
+    for item in overrides:
+        _apply_override(merged, item)
+    merged.setdefault("name", path.stem)
+    return from_dict(merged, source=str(path))
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Validate a plain nested dict against the schema and build the Config."""
+    return _build(Config, raw, prefix="", source=source)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=1e-3")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key!r} is a value, not a section")
+    node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+# --------------------------------------------------------------------------------------- validation
+def _build(cls: type, raw: Any, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or 'config'}` must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean `{prefix}{near[0]}`?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key `{prefix}{key}`{hint}")
+        kwargs[key] = _check(hints[key], value, f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _check(hint: Any, value: Any, key: str, source: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check(option, value, key, source)
+            except ConfigError:
+                continue
+        raise _type_error(key, value, " or ".join(_type_name(o) for o in options), source)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+            hint_text = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{source}: `{key}` = {value!r} is not one of {', '.join(map(repr, allowed))}{hint_text}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, value, _type_name(hint), source)
+        return [_check(item_type, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, value, "bool", source)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, value, "int", source)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(key, value, "float", source)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, value, "str", source)
+    raise ConfigError(f"{source}: `{key}` has an unsupported schema type {hint!r}")
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _type_error(key: str, value: Any, expected: str, source: str) -> ConfigError:
+    return ConfigError(f"{source}: `{key}` = {value!r} has type {type(value).__name__}, expected {expected}")
