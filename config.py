@@ -74,9 +74,6 @@ class DataConfig:
     target: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="train"))
     val: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="val"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # Pixels stay uint8 RGB in the loaders and are normalised on the device (FDA and DACS work on raw pixels):
-    # `imagenet` = RGB / 255, ImageNet mean/std (torchvision weights); `caffe` = BGR minus the caffe means.
-    normalize: Literal["imagenet", "caffe"] = "imagenet"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -85,6 +82,9 @@ class ModelConfig:
     name: Literal["deeplabv2", "bisenet"] = "bisenet"
     backbone: Literal["resnet18", "resnet101"] = "resnet18"
     pretrained: str = "none"  # none | imagenet | PATH to a state dict
+    # Models take raw 0-255 RGB pixels and normalise on the device, the way their weights expect:
+    # `imagenet` = RGB / 255 with ImageNet mean/std (torchvision); `caffe` = BGR minus the caffe means (DeepLab).
+    input_norm: Literal["imagenet", "caffe"] = "imagenet"
     num_classes: int = 19
     # Where a ResNet bottleneck strides: `v1.5` (torchvision, in the 3x3) or `v1` (caffe DeepLab weights, in the 1x1).
     resnet_variant: Literal["v1", "v1.5"] = "v1.5"
