@@ -1,0 +1,77 @@
+"""The config system: defaults, one-level _base_, overrides, strictness and the YAML round trip."""
+import pytest
+
+from config import Config, ConfigError, dump_config, from_dict, load_config
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def leaf(tmp_path):
+    write(tmp_path / "_base_" / "data.yaml", "data:\n  source: {name: gta5, root: /d/GTA5, size: [1280, 720]}\n")
+    write(tmp_path / "_base_" / "schedule.yaml", "train:\n  lr: 2.5e-4\n  epochs: 50\n")
+    return write(tmp_path / "exp.yaml",
+                 "_base_: [_base_/data.yaml, _base_/schedule.yaml]\ntrain:\n  epochs: 3\nmodel: {name: deeplabv2}\n")
+
+
+def test_defaults_bases_and_leaf(leaf):
+    cfg = load_config(leaf)
+    assert cfg.name == "exp"
+    assert cfg.data.source.root == "/d/GTA5" and cfg.data.source.size == [1280, 720]
+    assert cfg.train.lr == 2.5e-4  # PyYAML reads `2.5e-4` as a string; the schema makes it a float
+    assert cfg.train.epochs == 3  # the leaf wins over its base
+    assert cfg.model.name == "deeplabv2" and cfg.model.backbone == "resnet18"  # untouched keys keep defaults
+    assert cfg.data.source.split == "train"  # a partial section merges into the defaults
+
+
+def test_overrides_use_dotted_names(leaf):
+    cfg = load_config(leaf, ["train.lr=1e-3", "adapt.name=fda", "data.source.size=[64, 32]", "train.iters=null"])
+    assert cfg.train.lr == 1e-3 and cfg.adapt.name == "fda"
+    assert cfg.data.source.size == [64, 32] and cfg.train.iters is None
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lrr=1", ["unknown key `train.lrr`", "did you mean `train.lr`"]),
+    ("trian.lr=1", ["unknown key `trian`", "did you mean `train`"]),
+    ("train.lr=fast", ["`train.lr` = 'fast'", "expected float"]),
+    ("train.epochs=2.5", ["`train.epochs` = 2.5", "expected int"]),
+    ("model.name=bisnet", ["`model.name` = 'bisnet'", "did you mean 'bisenet'"]),
+    ("train.amp=fp8", ["`train.amp`", "'bf16', 'fp16', 'none'"]),
+    ("data.source.size=[1, x]", ["`data.source.size[1]` = 'x'", "expected int"]),
+    ("train.lr", ["expected section.key=value"]),
+])
+def test_bad_values_name_key_value_and_expectation(leaf, override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(leaf, [override])
+    message = str(info.value)
+    assert str(leaf) in message or "override" in message
+    for word in words:
+        assert word in message
+
+
+def test_nested_base_is_refused(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: [b.yaml]\n")
+    write(tmp_path / "b.yaml", "_base_: [c.yaml]\n")
+    with pytest.raises(ConfigError, match="one level only"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path / "bad.yaml", "train: [1,\n"))
+
+
+def test_dump_and_load_round_trip(leaf, tmp_path):
+    cfg = load_config(leaf, ["adapt.name=dacs", "train.iters=7"])
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_from_dict_defaults_equal_dataclass_defaults():
+    assert from_dict({}) == Config()
