@@ -7,6 +7,11 @@ the model's optimiser step; it knows nothing else about the method.
 from __future__ import annotations
 
 import abc
+import argparse
+import copy
+import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +64,334 @@ class SourceOnly(Strategy):
         return {"seg": loss.detach()}
 
 
+class Adversarial(Strategy):
+    """AdaptSegNet: output-space discriminators on the softmax of the upsampled logits (one per level).
+
+    Per iteration: supervised loss on the source; adversarial loss pushing the target's softmax to look like
+    the source's (source label), with the discriminators frozen; then one discriminator step on the detached
+    source (source label) and target (target label) softmaxes, each loss halved.
+    """
+
+    needs_target = True
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        from models.discriminator import build_discriminator
+
+        a = cfg.adapt
+        if a.multi_level and cfg.model.name == "deeplabv2" and not cfg.model.aux_head:
+            raise ValueError("adapt.multi_level = true needs an auxiliary output: set model.aux_head = true")
+        if len(a.d_betas) != 2:
+            raise ValueError(f"adapt.d_betas = {a.d_betas!r}: expected two numbers, e.g. [0.9, 0.99]")
+        levels = ["main", "aux"] if a.multi_level else ["main"]
+        self.discriminators = nn.ModuleDict(
+            {level: build_discriminator(a.discriminator, cfg.model.num_classes) for level in levels})
+        self.lambdas = {"main": a.lambda_adv, "aux": a.lambda_adv_aux}
+        self.d_optimizer = torch.optim.Adam(self.discriminators.parameters(), lr=a.d_lr, betas=tuple(a.d_betas))
+        self.gan_loss = F.binary_cross_entropy_with_logits if a.gan == "bce" else F.mse_loss
+
+    def training_step(self, model, source, target, ctx):
+        a, cfg = self.cfg.adapt, self.cfg
+        discriminators = self.discriminators
+        with ctx.autocast():
+            out_s = model(source["image"])
+            loss_seg = segmentation_loss(out_s, source["label"], cfg.model.aux_weight)
+        ctx.backward(loss_seg)
+        probs_s = {k: v.detach() for k, v in self._softmaxes(out_s, source["image"].shape[-2:]).items()}
+        del out_s
+
+        # Generator: fool the discriminators on the target. They are frozen so this loss reaches the model only.
+        discriminators.requires_grad_(False)
+        with ctx.autocast():
+            probs_t = self._softmaxes(model(target["image"]), target["image"].shape[-2:])
+            adv = {k: self._gan(discriminators[k](p), a.source_label) for k, p in probs_t.items()}
+            loss_adv = sum(self.lambdas[k] * v for k, v in adv.items())
+        ctx.backward(loss_adv)
+        discriminators.requires_grad_(True)
+
+        # Discriminators: on detached softmaxes, so this step never reaches the segmentation network.
+        self.d_optimizer.zero_grad(set_to_none=True)
+        for group in self.d_optimizer.param_groups:
+            group["lr"] = a.d_lr * _poly(ctx.iteration, ctx.max_iters, cfg.train.poly_power)
+        with ctx.autocast():
+            loss_d = sum(0.5 * self._gan(discriminators[k](p), a.source_label) for k, p in probs_s.items())
+            loss_d = loss_d + sum(0.5 * self._gan(discriminators[k](p.detach()), a.target_label)
+                                  for k, p in probs_t.items())
+        ctx.backward(loss_d)
+        ctx.step(self.d_optimizer)
+
+        losses = {"seg": loss_seg.detach(), "disc": loss_d.detach()}
+        losses.update({f"adv_{k}": v.detach() for k, v in adv.items()})
+        return losses
+
+    def _softmaxes(self, output, size) -> dict[str, torch.Tensor]:
+        """Softmax of the upsampled main (and first auxiliary) logits, as AdaptSegNet feeds its discriminators."""
+        levels = {"main": output.logits}
+        if "aux" in self.discriminators:
+            if not output.aux:
+                raise ValueError("adapt.multi_level = true: the model returned no auxiliary output (model.aux)")
+            levels["aux"] = next(iter(output.aux.values()))
+        return {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False).softmax(1)
+                for k, v in levels.items()}
+
+    def _gan(self, d_out: torch.Tensor, label: float) -> torch.Tensor:
+        d_out = d_out.float()
+        return self.gan_loss(d_out, torch.full_like(d_out, label))
+
+    def get_extra_state(self):
+        return {"d_optimizer": self.d_optimizer.state_dict()}
+
+    def set_extra_state(self, state):
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+
+
+def fda_source_to_target(source: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """Each source image with the low-frequency amplitude of its target image, source phase kept (FDA).
+
+    Raw 0-255 pixels in ([B, 3, H, W], uint8 or float), float pixels out, not clamped (as in FDA). The band is
+    the frequencies |f_y|, |f_x| < b with b = floor(min(H, W) * beta): the reference's b x b corner blocks of the
+    unshifted spectrum (frequencies -b..b-1) made symmetric, so the result is real and beta = 0 is the identity.
+    """
+    h, w = source.shape[-2:]
+    if target.shape[-2:] != (h, w):
+        target = F.interpolate(target.float(), size=(h, w), mode="bilinear", align_corners=False)
+    b = math.floor(min(h, w) * beta)
+    if b == 0:
+        return source.float()
+    spec_s = torch.fft.fft2(source.float())
+    amp_t = torch.fft.fft2(target.float()).abs()
+    band = _low_band(h, b, source.device)[:, None] & _low_band(w, b, source.device)[None, :]
+    amp = torch.where(band, amp_t, spec_s.abs())
+    return torch.fft.ifft2(torch.polar(amp, spec_s.angle())).real
+
+
+def _low_band(n: int, b: int, device) -> torch.Tensor:
+    freq = torch.fft.fftfreq(n, 1.0 / n, device=device)  # integer frequencies 0, 1, ..., -1
+    return freq.abs() < b
+
+
+def entropy_loss(logits: torch.Tensor, eta: float, eps: float) -> torch.Tensor:
+    """FDA's Charbonnier-penalised entropy: mean over pixels of ((H / ln C)^2 + eps)^eta."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    ent = -(log_p.exp() * log_p).sum(1) / math.log(logits.shape[1])
+    return ((ent * ent + eps) ** eta).mean()
+
+
+class FDA(Strategy):
+    """Fourier Domain Adaptation: supervised loss on source images in target style, entropy on the target.
+
+    With `data.target.pseudo_labels` set this is the self-supervised round of FDA's SStrain.py:
+    CE(source in target style) + pseudo_weight * CE(pseudo-labelled target) + entropy_weight * entropy.
+    """
+
+    needs_target = True
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        if not 0.0 <= cfg.adapt.beta < 0.5:
+            raise ValueError(f"adapt.beta = {cfg.adapt.beta}: expected 0 <= beta < 0.5 (FDA uses 0.01, 0.05, 0.09)")
+        self.self_supervised = cfg.data.target.pseudo_labels is not None
+
+    def training_step(self, model, source, target, ctx):
+        a, aux_weight = self.cfg.adapt, self.cfg.model.aux_weight
+        styled = fda_source_to_target(source["image"], target["image"], a.beta)
+        with ctx.autocast():
+            loss_seg = segmentation_loss(model(styled), source["label"], aux_weight)
+        ctx.backward(loss_seg)
+        losses = {"seg": loss_seg.detach()}
+
+        use_entropy = a.entropy_weight > 0 and ctx.iteration >= a.entropy_start
+        if not (use_entropy or self.self_supervised):
+            return losses  # no target term yet: skip the target pass
+        with ctx.autocast():
+            out_t = model(target["image"])
+            loss_t = out_t.logits.new_zeros((), dtype=torch.float32)
+            if use_entropy:
+                loss_ent = entropy_loss(out_t.logits, a.entropy_eta, a.entropy_eps)
+                loss_t = loss_t + a.entropy_weight * loss_ent
+                losses["entropy"] = loss_ent.detach()
+            if self.self_supervised:
+                if "label" not in target:
+                    raise ValueError("data.target.pseudo_labels is set but the target batch has no `label`")
+                loss_pseudo = segmentation_loss(out_t, target["label"], aux_weight)
+                loss_t = loss_t + a.pseudo_weight * loss_pseudo
+                losses["pseudo"] = loss_pseudo.detach()
+        ctx.backward(loss_t)
+        return losses
+
+
+def class_mix_masks(labels: torch.Tensor, num_classes: int, fraction: float,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """ClassMix masks [B, H, W]: per image, a random ceil(n * fraction) of the n classes in its label (255 never).
+
+    Vectorised on the device without host syncs: class presence by one bincount, a random subset by ranking
+    random scores (absent classes score 2, after every present one).
+    """
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1)
+    ids = torch.where(flat == IGNORE_INDEX, num_classes, flat)  # 255 -> an extra, never chosen column
+    offsets = torch.arange(b, device=labels.device)[:, None] * (num_classes + 1)
+    counts = torch.bincount((ids + offsets).reshape(-1), minlength=b * (num_classes + 1))
+    present = counts.view(b, num_classes + 1)[:, :num_classes] > 0
+    k = torch.ceil(present.sum(1) * fraction)  # classes to paste per image
+    scores = torch.rand(b, num_classes, device=labels.device, generator=generator).masked_fill(~present, 2.0)
+    rank = scores.argsort(1).argsort(1)
+    chosen = torch.cat([rank < k[:, None], present.new_zeros(b, 1)], 1)
+    return chosen.gather(1, ids).view_as(labels)
+
+
+def color_jitter(images: torch.Tensor, strength: float, p: float, generator: torch.Generator | None = None):
+    """Batched colour jitter of 0-255 float images, each image jittered with probability p.
+
+    Brightness, contrast and saturation factors in [1 - s, 1 + s] and a hue rotation of up to s of the colour
+    circle (a rotation in YIQ space), in that order, clamped to [0, 255] after each, as in torchvision/kornia.
+    """
+    b, dev = images.shape[0], images.device
+    on = torch.rand(b, device=dev, generator=generator) < p
+    factors = 1 + strength * (2 * torch.rand(b, 3, device=dev, generator=generator) - 1)
+    factors = torch.where(on[:, None], factors, torch.ones_like(factors))
+    hue = torch.where(on, strength * (2 * torch.rand(b, device=dev, generator=generator) - 1), torch.zeros(b, device=dev))
+    x = images.float()
+    x = (x * factors[:, 0, None, None, None]).clamp(0, 255)
+    gray = _gray(x)
+    mean = gray.mean((1, 2, 3), keepdim=True)
+    x = (mean + factors[:, 1, None, None, None] * (x - mean)).clamp(0, 255)
+    gray = _gray(x)
+    x = (gray + factors[:, 2, None, None, None] * (x - gray)).clamp(0, 255)
+    angle = hue * 2 * math.pi
+    cos, sin = angle.cos(), angle.sin()
+    rot = torch.zeros(b, 3, 3, device=dev)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    yiq = _RGB_TO_YIQ.to(dev)
+    transform = torch.linalg.inv(yiq) @ rot @ yiq  # [B, 3, 3], the identity where hue = 0
+    return torch.einsum("bij,bjhw->bihw", transform, x).clamp(0, 255)
+
+
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def gaussian_blur(images: torch.Tensor, sigma_range, kernel_frac: float, p: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched Gaussian blur, each image blurred with probability p and its own sigma ~ U(sigma_range).
+
+    DACS's kernel: about `kernel_frac` of the image height, made odd; reflect padding. One separable grouped
+    convolution for the whole batch; an image not blurred gets a delta kernel.
+    """
+    b, c, h, w = images.shape
+    dev = images.device
+    side = math.ceil(kernel_frac * h)
+    size = side + 1 - side % 2  # odd
+    on = torch.rand(b, device=dev, generator=generator) < p
+    lo, hi = sigma_range
+    sigma = lo + (hi - lo) * torch.rand(b, device=dev, generator=generator)
+    r = torch.arange(size, device=dev, dtype=torch.float32) - size // 2
+    kernel = torch.exp(-0.5 * (r[None] / sigma[:, None]) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    kernel = torch.where(on[:, None], kernel, (r == 0).float()[None])
+    kernel = kernel.repeat_interleave(c, 0)  # [B * C, size]
+    pad = size // 2
+    x = F.pad(images.float().reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    x = F.conv2d(x, kernel[:, None, None, :], groups=b * c)
+    x = F.conv2d(x, kernel[:, None, :, None], groups=b * c)
+    return x.view(b, c, h, w)
+
+
+def weighted_segmentation_loss(output, label: torch.Tensor, weight: torch.Tensor, aux_weight: float):
+    """DACS's pixel-wise weighted cross-entropy: mean over all pixels of weight * CE (ignored pixels count 0)."""
+    size = label.shape[-2:]
+    loss = None
+    for scale, logits in [(1.0, output.logits)] + [(aux_weight, v) for v in output.aux.values()]:
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="none")
+        term = scale * (ce * weight).mean()
+        loss = term if loss is None else loss + term
+    return loss
+
+
+@torch.no_grad()
+def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], alpha: float) -> None:
+    """teacher = alpha * teacher + (1 - alpha) * student, for all parameters in one fused call."""
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - alpha)
+
+
+class DACS(Strategy):
+    """DACS: ClassMix of source and target images, pseudo-labels from an EMA teacher, pixel-weighted CE.
+
+    The teacher is a copy of the unwrapped model built here, so its state is in the strategy's state_dict and
+    loads with the checkpoint before the first step. As in DACS it stays in training mode (batch statistics) and
+    only its parameters follow the student; its buffers follow its own forward passes.
+    """
+
+    needs_target = True
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        src, tgt = cfg.data.source.size, cfg.data.target.size
+        if src != tgt:
+            raise ValueError(f"adapt.name = dacs mixes source and target pixel for pixel: data.source.size {src} "
+                             f"and data.target.size {tgt} must be equal")
+        self.teacher = copy.deepcopy(model)
+        self.teacher.requires_grad_(False)
+        self.teacher.train()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.train()  # DACS runs its teacher in training mode throughout
+        return self
+
+    def training_step(self, model, source, target, ctx):
+        a, cfg = self.cfg.adapt, self.cfg
+        # Randomness from (seed, iteration) alone: the same mixes after a resume, whatever the RNG state.
+        gen = torch.Generator(device=source["image"].device)
+        gen.manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
+
+        with ctx.autocast():
+            loss_src = segmentation_loss(model(source["image"]), source["label"], cfg.model.aux_weight)
+        ctx.backward(loss_src)
+
+        size = target["image"].shape[-2:]
+        with torch.no_grad(), ctx.autocast():
+            out_t = self.teacher(target["image"])
+            logits_t = out_t.logits if hasattr(out_t, "logits") else out_t
+            probs = F.interpolate(logits_t.float(), size=size, mode="bilinear", align_corners=False).softmax(1)
+        confidence, pseudo = probs.max(1)
+        pseudo_weight = (confidence >= a.pseudo_threshold).float().mean()  # one scalar per batch, as in DACS
+
+        mask = class_mix_masks(source["label"], cfg.model.num_classes, a.mix_fraction, gen)
+        mixed = torch.where(mask[:, None], source["image"], target["image"]).float()
+        mixed = color_jitter(mixed, a.jitter_strength, a.jitter_p, gen)
+        mixed = gaussian_blur(mixed, a.blur_sigma, a.blur_kernel, a.blur_p, gen)
+        mixed_label = torch.where(mask, source["label"], pseudo)
+        weight = torch.where(mask, torch.ones_like(confidence), pseudo_weight)
+
+        with ctx.autocast():
+            loss_mix = weighted_segmentation_loss(model(mixed), mixed_label, weight, cfg.model.aux_weight)
+        ctx.backward(a.mix_weight * loss_mix)
+        return {"seg": loss_src.detach(), "mix": loss_mix.detach(), "pseudo_weight": pseudo_weight}
+
+    def after_step(self, model, ctx):
+        if not hasattr(self, "_param_pairs"):
+            student = getattr(model, "module", model)  # unwrap DDP
+            self._param_pairs = (list(self.teacher.parameters()), list(student.parameters()))
+        alpha = min(1.0 - 1.0 / (ctx.iteration + 1), self.cfg.adapt.ema_alpha)
+        ema_update(*self._param_pairs, alpha)
+
+
+def _poly(iteration: int, max_iters: int, power: float) -> float:
+    return (1.0 - iteration / max_iters) ** power
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
     "none": SourceOnly,
+    "adversarial": Adversarial,
+    "fda": FDA,
+    "dacs": DACS,
 }
 
 

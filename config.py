@@ -80,7 +80,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: Literal["deeplabv2", "bisenet"] = "bisenet"
-    backbone: Literal["resnet18", "resnet101"] = "resnet18"
+    backbone: Literal["resnet18", "resnet101"] = "resnet18"  # BiSeNet's context path; DeepLabV2 is always ResNet-101
     pretrained: str = "none"  # none | imagenet | PATH to a state dict
     # Models take raw 0-255 RGB pixels and normalise on the device, the way their weights expect:
     # `imagenet` = RGB / 255 with ImageNet mean/std (torchvision); `caffe` = BGR minus the caffe means (DeepLab).
@@ -89,35 +89,46 @@ class ModelConfig:
     # Where a ResNet bottleneck strides: `v1.5` (torchvision, in the 3x3) or `v1` (caffe DeepLab weights, in the 1x1).
     resnet_variant: Literal["v1", "v1.5"] = "v1.5"
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
-    freeze_bn: bool = False  # freeze BN affine parameters (DeepLabV2 recipe)
+    # Freeze the backbone BN affine parameters (running stats still update); null = the model's recipe:
+    # frozen for DeepLabV2, trained for BiSeNet.
+    freeze_bn: bool | None = None
     aux_head: bool = False  # DeepLabV2: extra classifier on layer3 (multi-level training)
     aux_weight: float = 1.0  # weight of each auxiliary segmentation loss
 
 
 @dataclass
 class AdaptConfig:
+    """Every constant of every adaptation recipe; defaults are the papers' values (docs/architecture.md)."""
+
     name: Literal["none", "adversarial", "fda", "dacs"] = "none"
-    # adversarial (AdaptSegNet)
-    multi_level: bool = False
+    # adversarial (AdaptSegNet): output-space discriminator(s) on the softmax of the upsampled logits
+    multi_level: bool = False  # a second discriminator on the first auxiliary output (model.aux)
     lambda_adv: float = 0.001
     lambda_adv_aux: float = 0.0002
-    gan: Literal["bce", "ls"] = "bce"
+    gan: Literal["bce", "ls"] = "bce"  # vanilla GAN (BCE with logits) or least-squares GAN (MSE)
     discriminator: Literal["standard", "light"] = "standard"
-    d_lr: float = 1e-4
+    d_lr: float = 1e-4  # Adam, decayed with the model's poly schedule (train.poly_power)
     d_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     source_label: float = 0.0
     target_label: float = 1.0
-    # FDA
-    beta: float = 0.01
+    # FDA: low-frequency amplitude of the target in the source image, entropy on the target
+    beta: float = 0.01  # half-width of the swapped band = floor(min(H, W) * beta)
     entropy_weight: float = 0.005
-    entropy_eta: float = 2.0
-    entropy_start: int = 0
-    # DACS
-    ema_alpha: float = 0.99
-    pseudo_threshold: float = 0.968
-    jitter_strength: float = 0.25
+    entropy_eta: float = 2.0  # Charbonnier exponent: (ent^2 + eps)^eta
+    entropy_eps: float = 1e-8
+    entropy_start: int = 0  # iteration from which the entropy term is on
+    pseudo_weight: float = 1.0  # self-supervised round: weight of the CE on data.target.pseudo_labels
+    pseudo_percentile: float = 0.66  # `adapt.py pseudo-labels`: per-class confidence percentile kept
+    pseudo_cap: float = 0.9  # ... and the cap on that per-class threshold
+    # DACS: ClassMix with an EMA teacher
+    mix_fraction: float = 0.5  # share of a source image's classes pasted (rounded up)
+    ema_alpha: float = 0.99  # teacher alpha = min(1 - 1 / (iteration + 1), ema_alpha)
+    pseudo_threshold: float = 0.968  # pseudo-label weight = share of target pixels at or above it
+    jitter_strength: float = 0.25  # brightness, contrast, saturation and hue
     jitter_p: float = 0.8
     blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    blur_kernel: float = 0.1  # Gaussian kernel side as a share of the image height (made odd)
     mix_weight: float = 1.0
 
 
