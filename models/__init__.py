@@ -1,0 +1,52 @@
+"""Segmentation models for real-time domain adaptation, built from the `model` section of a config.
+
+    from models import build_model, deploy
+    model = build_model(cfg.model)        # or a mapping: {"name": "bisenet", "backbone": "resnet18"}
+    out = model(images)                   # raw 0-255 RGB; train: SegOutput(logits, aux), eval: full-size logits
+    groups = model.param_groups()         # {"backbone": [...], "head": [...]}
+    fast = deploy(model)                  # eval-only inference copy
+
+The contract is docs/architecture.md's "Models" section.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from config import ModelConfig, from_dict
+from models.base import SegmentationModel, SegOutput
+from models.bisenet import BiSeNet
+from models.deeplabv2 import DeepLabV2
+from models.deploy import deploy
+from models.resnet import load_backbone_weights
+
+__all__ = ["MODELS", "SegOutput", "SegmentationModel", "build_model", "deploy"]
+
+
+def build_deeplabv2(cfg: ModelConfig) -> DeepLabV2:
+    # DeepLabV2 is defined on ResNet-101; `backbone` chooses BiSeNet's context path only.
+    return DeepLabV2(cfg.num_classes, cfg.aspp_dilations, cfg.aux_head,
+                     freeze_bn=True if cfg.freeze_bn is None else cfg.freeze_bn,
+                     resnet_variant=cfg.resnet_variant, input_norm=cfg.input_norm)
+
+
+def build_bisenet(cfg: ModelConfig) -> BiSeNet:
+    if cfg.aux_head:
+        raise ValueError("model.aux_head is a DeepLabV2 option; BiSeNet always has its two auxiliary heads")
+    return BiSeNet(cfg.backbone, cfg.num_classes, freeze_bn=bool(cfg.freeze_bn),
+                   resnet_variant=cfg.resnet_variant, input_norm=cfg.input_norm)
+
+
+MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet}
+
+
+def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
+    """The model named by `cfg.name`, its backbone loaded from `cfg.pretrained` (none | imagenet | PATH)."""
+    if isinstance(cfg, Mapping):
+        cfg = from_dict({"model": dict(cfg)}, source="model config").model
+    if cfg.num_classes < 1:
+        raise ValueError(f"model.num_classes = {cfg.num_classes}: expected a positive number of classes")
+    model = MODELS[cfg.name](cfg)
+    backbone_name = "resnet101" if cfg.name == "deeplabv2" else cfg.backbone
+    caffe_setup = cfg.resnet_variant == "v1" and cfg.input_norm == "caffe"
+    load_backbone_weights(model.backbone, cfg.pretrained, backbone_name, caffe_setup)
+    return model

@@ -1,0 +1,82 @@
+"""BiSeNet V1 (Yu et al., ECCV 2018) in the course's form, on a torchvision ResNet-18 or ResNet-101.
+
+    spatial path: 3x (3x3 conv stride 2, BN, ReLU), 64/128/256 channels          -> 1/8
+    context path: ResNet layer3 (1/16) and layer4 (1/32), an attention refinement module (ARM) on each;
+                  the 1/32 branch is scaled by the global average of layer4 (the "tail")
+    fusion:       concat(spatial, context16, context32 at 1/8) -> feature fusion module (FFM) -> 1x1 conv
+    training:     two auxiliary 1x1 classifiers on the refined 1/16 and 1/32 context features
+
+Two cheap reorderings against the course code, both exact up to interpolation rounding: the final 1x1 conv
+runs at 1/8 before the upsampling (a 1x1 conv commutes with bilinear resizing, whose weights sum to one),
+and the auxiliary classifiers run on the context features at their own stride (the loss upsamples them).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.base import SegmentationModel, freeze_bn_affine, upsample
+from models.resnet import RESNETS, build_resnet, resnet_features
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class AttentionRefinement(nn.Module):
+    """x * sigmoid(BN(conv1x1(global average of x))): channel attention from global context."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.attention = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1),
+                                       nn.BatchNorm2d(channels), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.attention(x)
+
+
+class FeatureFusion(nn.Module):
+    """Fuse spatial and context features: conv-BN-ReLU, then x + x * squeeze-excitation(x)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.fuse = conv_bn_relu(in_channels, out_channels)
+        self.attention = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(out_channels, out_channels, 1),
+                                       nn.ReLU(inplace=True), nn.Conv2d(out_channels, out_channels, 1),
+                                       nn.Sigmoid())
+
+    def forward(self, spatial: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.fuse(torch.cat([spatial, context], dim=1))
+        return torch.addcmul(x, x, self.attention(x))
+
+
+class BiSeNet(SegmentationModel):
+    def __init__(self, backbone: str = "resnet18", num_classes: int = 19, freeze_bn: bool = False,
+                 resnet_variant: str = "v1.5", input_norm: str = "imagenet"):
+        super().__init__(input_norm)
+        self.backbone = build_resnet(backbone, resnet_variant)
+        c16, c32 = RESNETS[backbone][2:]
+        self.spatial_path = nn.Sequential(conv_bn_relu(3, 64, 2), conv_bn_relu(64, 128, 2), conv_bn_relu(128, 256, 2))
+        self.arm16 = AttentionRefinement(c16)
+        self.arm32 = AttentionRefinement(c32)
+        self.ffm = FeatureFusion(256 + c16 + c32, num_classes)
+        self.classifier = nn.Conv2d(num_classes, num_classes, 1)
+        self.aux_heads = nn.ModuleDict({"context16": nn.Conv2d(c16, num_classes, 1),
+                                        "context32": nn.Conv2d(c32, num_classes, 1)})
+        if freeze_bn:
+            freeze_bn_affine(self.backbone)
+
+    def forward_logits(self, x, with_aux):
+        spatial = self.spatial_path(x)
+        layer3, layer4 = resnet_features(self.backbone, x)
+        context16 = self.arm16(layer3)
+        context32 = self.arm32(layer4) * layer4.mean((2, 3), keepdim=True)
+        size = spatial.shape[-2:]
+        context = torch.cat([upsample(context16, size), upsample(context32, size)], dim=1)
+        logits = self.classifier(self.ffm(spatial, context))
+        aux = {}
+        if with_aux:
+            aux = {"context16": self.aux_heads["context16"](context16),
+                   "context32": self.aux_heads["context32"](context32)}
+        return logits, aux

@@ -1,0 +1,72 @@
+"""The inference form of a segmentation model: eval-only, no auxiliary heads, BN folded, channels_last.
+
+    fast = deploy(model)          # a copy; `model` is untouched
+    logits = fast(images)         # = model.eval()(images) within 1e-4, in inference mode
+
+Folding a BN layer into the conv before it removes one full read and write of every feature map, and
+channels_last lets the oneDNN (CPU) and cuDNN convolutions skip their layout conversions.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from models.base import SegmentationModel, upsample
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+class DeployedModel(nn.Module):
+    """Wraps a folded copy of a `SegmentationModel`; forward returns the eval-mode output (full-size logits)."""
+
+    def __init__(self, model: SegmentationModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # inference mode skips autograd bookkeeping; not while fvcore/jit traces the model (unsupported there)
+        with torch.inference_mode(not torch.jit.is_tracing()):
+            x = self.model.input_norm(images).contiguous(memory_format=torch.channels_last)
+            logits, _ = self.model.forward_logits(x, with_aux=False)
+            return upsample(logits, images.shape[-2:])
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("a deployed model is eval-only: train the original model and call deploy() again")
+        return super().train(False)
+
+
+def deploy(model: SegmentationModel) -> DeployedModel:
+    """An eval-only copy of `model` for inference: auxiliary heads dropped, BN folded, channels_last."""
+    folded = copy.deepcopy(model).eval()
+    folded.aux_heads = nn.ModuleDict()
+    fold_batchnorm(folded)
+    left = [name for name, m in folded.named_modules() if isinstance(m, _BN)]
+    if left:
+        raise RuntimeError(f"deploy: BN layers without a conv before them could not be folded: {', '.join(left)}")
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return DeployedModel(folded.to(memory_format=torch.channels_last))
+
+
+def fold_batchnorm(module: nn.Module) -> None:
+    """Fold every eval-mode BN into the conv before it, in place (the BN becomes an Identity).
+
+    Recognises the two ways our models pair them: consecutive entries of an `nn.Sequential` (our blocks,
+    torchvision's `downsample`) and `convN`/`bnN` attributes (torchvision's ResNet stem and blocks).
+    """
+    for child in module.children():
+        fold_batchnorm(child)
+    if isinstance(module, nn.Sequential):
+        for i in range(len(module) - 1):
+            if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], _BN):
+                module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
+                module[i + 1] = nn.Identity()
+    for k in ("1", "2", "3"):
+        conv, bn = getattr(module, f"conv{k}", None), getattr(module, f"bn{k}", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, _BN):
+            setattr(module, f"conv{k}", fuse_conv_bn_eval(conv, bn))
+            setattr(module, f"bn{k}", nn.Identity())
