@@ -1,0 +1,289 @@
+"""The adaptation strategies: FDA's spectrum swap, ClassMix, the EMA teacher, the adversarial losses' reach,
+pseudo-label thresholds, and (through train.py) a few iterations of every synthetic adaptation config."""
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adapt
+from config import from_dict
+from models.base import SegOutput
+
+C = 5  # classes of the stand-in network
+
+
+class TinyNet(nn.Module):
+    """A stand-in segmentation model: SegOutput at stride 2 in training, upsampled logits in eval."""
+
+    def __init__(self, aux: bool = True):
+        super().__init__()
+        self.body = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, C, 1)
+        self.aux_head = nn.Conv2d(8, C, 1) if aux else None
+
+    def forward(self, images):
+        x = F.relu(self.bn(self.body(images.float() / 255)))
+        logits = self.head(x)
+        if not self.training:
+            return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return SegOutput(logits, {"aux": self.aux_head(x)} if self.aux_head is not None else {})
+
+
+class FakeContext:
+    """What train.StepContext offers a strategy; records which parameters each backward call reaches."""
+
+    def __init__(self, iteration=0, max_iters=10, watch=None):
+        self.iteration, self.max_iters = iteration, max_iters
+        self.watch = watch or {}  # name -> module whose gradients are recorded per backward
+        self.reached = []
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        before = {name: [None if p.grad is None else p.grad.clone() for p in m.parameters()]
+                  for name, m in self.watch.items()}
+        loss.backward()
+        reached = set()
+        for name, module in self.watch.items():
+            for old, p in zip(before[name], module.parameters()):
+                new = p.grad
+                if new is not None and (old is None or not torch.equal(old, new)):
+                    reached.add(name)
+        self.reached.append(reached)
+
+    def step(self, optimizer):
+        optimizer.step()
+
+
+def make_cfg(name, **adapt_keys):
+    return from_dict({"model": {"num_classes": C, "aux_weight": 0.1}, "adapt": {"name": name, **adapt_keys},
+                      "data": {"source": {"size": [32, 16]}, "target": {"size": [32, 16]}}})
+
+
+def batches(b=2, h=16, w=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    source = {"image": torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=g),
+              "label": torch.randint(0, C, (b, h, w), generator=g)}
+    source["label"][:, :2] = 255
+    target = {"image": torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=g)}
+    return source, target
+
+
+# ------------------------------------------------------------------------------------------------ FDA
+def test_fda_beta_zero_returns_the_source():
+    source, target = batches()
+    out = adapt.fda_source_to_target(source["image"], target["image"], 0.0)
+    assert out.dtype == torch.float32 and torch.equal(out, source["image"].float())
+
+
+def test_fda_swaps_low_band_amplitude_and_keeps_source_phase():
+    source, target = batches(h=24, w=40)
+    beta = 0.125  # b = floor(24 * 0.125) = 3: frequencies |f| < 3 on both axes
+    out = adapt.fda_source_to_target(source["image"], target["image"], beta).double()
+    spec_out, spec_s = torch.fft.fft2(out), torch.fft.fft2(source["image"].double())
+    spec_t = torch.fft.fft2(target["image"].double())
+    fy, fx = torch.fft.fftfreq(24, 1 / 24).abs(), torch.fft.fftfreq(40, 1 / 40).abs()
+    band = (fy[:, None] < 3) & (fx[None, :] < 3)
+    assert band.sum() == 25
+    scale = spec_s.abs().max()
+    # in the band: target amplitude, source phase; outside: the source spectrum untouched
+    expected = torch.where(band, torch.polar(spec_t.abs(), spec_s.angle()), spec_s)
+    assert (spec_out - expected).abs().max() / scale < 1e-6
+    assert not torch.allclose(spec_out.abs()[..., band], spec_s.abs()[..., band])
+
+
+def test_entropy_loss_matches_the_formula():
+    logits = torch.randn(2, C, 4, 6)
+    p = logits.softmax(1)
+    ent = -(p * p.log()).sum(1) / math.log(C)
+    expected = ((ent ** 2 + 1e-8) ** 2.0).mean()
+    assert torch.allclose(adapt.entropy_loss(logits, 2.0, 1e-8), expected)
+
+
+def test_fda_entropy_switches_on_at_entropy_start():
+    cfg = make_cfg("fda", beta=0.1, entropy_start=3)
+    model = TinyNet()
+    strategy = adapt.build_strategy(cfg, model)
+    source, target = batches()
+    assert "entropy" not in strategy.training_step(model, source, target, FakeContext(iteration=2))
+    losses = strategy.training_step(model, source, target, FakeContext(iteration=3))
+    assert set(losses) == {"seg", "entropy"} and all(not v.requires_grad for v in losses.values())
+
+
+# ------------------------------------------------------------------------------------------- ClassMix
+def test_class_mix_mask_covers_exactly_the_chosen_classes_and_never_255():
+    labels = torch.full((4, 12, 10), 255)
+    labels[0, :6], labels[0, 6:9] = 0, 3               # classes {0, 3} + 255 -> 1 chosen
+    labels[1] = torch.arange(120).view(12, 10) % 5      # {0..4} -> 3 chosen
+    labels[2, :, :5] = 2                                # {2} -> 1 chosen
+    # image 3: nothing but 255 -> nothing chosen
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        masks = adapt.class_mix_masks(labels, C, 0.5, g)
+        for label, mask, n in zip(labels, masks, (2, 5, 1, 0)):
+            chosen = label[mask].unique()
+            assert len(chosen) == math.ceil(n / 2)
+            assert 255 not in chosen.tolist()
+            assert torch.equal(mask, torch.isin(label, chosen))  # every pixel of a chosen class, nothing else
+
+
+def test_class_mix_choice_varies_with_the_generator():
+    labels = (torch.arange(200).view(1, 10, 20) % C).expand(3, -1, -1)
+    picks = {tuple(adapt.class_mix_masks(labels, C, 0.5, torch.Generator().manual_seed(s))[0, 0, :C].tolist())
+             for s in range(10)}
+    assert len(picks) > 1
+
+
+def test_strong_augmentation_keeps_range_and_identity_when_off():
+    images = torch.randint(0, 256, (3, 3, 20, 30)).float()
+    assert torch.allclose(adapt.color_jitter(images, 0.25, 0.0), images, atol=1e-3)
+    assert torch.allclose(adapt.gaussian_blur(images, [0.15, 1.15], 0.1, 0.0), images, atol=1e-4)
+    jittered = adapt.color_jitter(images, 0.25, 1.0, torch.Generator().manual_seed(0))
+    assert jittered.min() >= 0 and jittered.max() <= 255 and not torch.allclose(jittered, images)
+    blurred = adapt.gaussian_blur(images, [1.0, 1.0], 0.5, 1.0)
+    assert blurred.std() < images.std()  # a blur smooths
+    assert torch.allclose(blurred.mean((2, 3)), images.mean((2, 3)), rtol=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ DACS
+def test_ema_teacher_follows_the_formula():
+    model = TinyNet()
+    strategy = adapt.build_strategy(make_cfg("dacs"), model)
+    teacher = strategy.teacher
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    strategy.after_step(model, FakeContext(iteration=0))  # alpha = min(1 - 1/1, 0.99) = 0: a copy
+    for t, s in zip(teacher.parameters(), model.parameters()):
+        assert torch.equal(t, s)
+    old = [t.clone() for t in teacher.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    strategy.after_step(model, FakeContext(iteration=4))  # alpha = min(1 - 1/5, 0.99) = 0.8
+    for t, o, s in zip(teacher.parameters(), old, model.parameters()):
+        assert torch.allclose(t, 0.8 * o + 0.2 * s, atol=1e-6)
+    strategy.after_step(model, FakeContext(iteration=10_000))  # capped at ema_alpha
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_dacs_step_losses_and_teacher_state_in_state_dict():
+    model = TinyNet()
+    strategy = adapt.build_strategy(make_cfg("dacs"), model)
+    assert any(k.startswith("teacher.") for k in strategy.state_dict())
+    source, target = batches()
+    ctx = FakeContext(watch={"model": model, "teacher": strategy.teacher})
+    losses = strategy.training_step(model, source, target, ctx)
+    assert set(losses) == {"seg", "mix", "pseudo_weight"}
+    assert ctx.reached == [{"model"}, {"model"}]  # the teacher never gets gradients
+    assert 0 <= float(losses["pseudo_weight"]) <= 1
+
+
+def test_dacs_rejects_different_source_and_target_sizes():
+    cfg = from_dict({"adapt": {"name": "dacs"}, "data": {"source": {"size": [64, 32]}, "target": {"size": [32, 16]}}})
+    with pytest.raises(ValueError, match="data.source.size"):
+        adapt.build_strategy(cfg, TinyNet())
+
+
+def test_dacs_resumed_from_state_dicts_equals_uninterrupted():
+    def run(steps, state=None):
+        torch.manual_seed(0)
+        model = TinyNet()
+        strategy = adapt.build_strategy(make_cfg("dacs"), model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        start = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            strategy.load_state_dict(state["strategy"])
+            opt.load_state_dict(state["opt"])
+            start = state["iteration"]
+        for it in range(start, steps):
+            source, target = batches(seed=it)
+            ctx = FakeContext(iteration=it, max_iters=4)
+            opt.zero_grad()
+            strategy.training_step(model, source, target, ctx)
+            opt.step()
+            strategy.after_step(model, ctx)
+        return model, strategy, opt
+
+    full_model, full_strategy, _ = run(4)
+    model, strategy, opt = run(2)
+    state = copy.deepcopy({"model": model.state_dict(), "strategy": strategy.state_dict(),
+                           "opt": opt.state_dict(), "iteration": 2})
+    resumed_model, resumed_strategy, _ = run(4, state)
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full_strategy.state_dict().values(), resumed_strategy.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------- adversarial
+@pytest.mark.parametrize("gan", ["bce", "ls"])
+def test_adversarial_losses_reach_only_their_own_network(gan):
+    torch.manual_seed(0)
+    model = TinyNet()
+    strategy = adapt.build_strategy(make_cfg("adversarial", multi_level=True, gan=gan), model)
+    assert set(strategy.discriminators) == {"main", "aux"}
+    source, target = batches(h=64, w=64)
+    frozen_model, frozen_strategy = copy.deepcopy(model), copy.deepcopy(strategy)
+    model_before = [p.detach().clone() for p in model.parameters()]
+    d_before = copy.deepcopy(strategy.discriminators.state_dict())
+
+    ctx = FakeContext(watch={"model": model, "disc": strategy.discriminators})
+    losses = strategy.training_step(model, source, target, ctx)
+    # seg -> model; adversarial -> model only (discriminators frozen); discriminator loss -> discriminators only
+    assert ctx.reached == [{"model"}, {"model"}, {"disc"}]
+    assert all(p.requires_grad for p in strategy.discriminators.parameters())  # unfrozen again
+    for p, old in zip(model.parameters(), model_before):  # the model's optimiser is the trainer's: untouched here
+        assert torch.equal(p, old)
+    assert any(not torch.equal(v, d_before[k]) for k, v in strategy.discriminators.state_dict().items())
+
+    # labels: generator pushes target towards the source label 0; discriminator sees source 0, target 1, halved
+    crit = F.binary_cross_entropy_with_logits if gan == "bce" else F.mse_loss
+    def probs(out, level):
+        logits = out.logits if level == "main" else out.aux["aux"]
+        return F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False).softmax(1)
+    with torch.no_grad():
+        out_s, out_t = frozen_model(source["image"]), frozen_model(target["image"])
+        d = frozen_strategy.discriminators
+        expected_d = 0.0
+        for level in ("main", "aux"):
+            d_t = d[level](probs(out_t, level))
+            d_s = d[level](probs(out_s, level))
+            assert torch.allclose(losses[f"adv_{level}"], crit(d_t, torch.zeros_like(d_t)), atol=1e-5)
+            expected_d += 0.5 * crit(d_s, torch.zeros_like(d_s)) + 0.5 * crit(d_t, torch.ones_like(d_t))
+    assert torch.allclose(losses["disc"], expected_d, atol=1e-5)
+
+
+def test_adversarial_discriminator_lr_follows_poly_and_state_round_trips():
+    model = TinyNet(aux=False)
+    strategy = adapt.build_strategy(make_cfg("adversarial"), model)
+    source, target = batches(h=64, w=64)
+    strategy.training_step(model, source, target, FakeContext(iteration=5, max_iters=10))
+    assert math.isclose(strategy.d_optimizer.param_groups[0]["lr"], 1e-4 * 0.5 ** 0.9)
+    state = strategy.state_dict()
+    clone = adapt.build_strategy(make_cfg("adversarial"), TinyNet(aux=False))
+    clone.load_state_dict(state)
+    assert clone.d_optimizer.state_dict()["state"].keys() == strategy.d_optimizer.state_dict()["state"].keys()
+    assert clone.d_optimizer.param_groups[0]["lr"] == strategy.d_optimizer.param_groups[0]["lr"]
+
+
+def test_multi_level_needs_an_auxiliary_output():
+    model = TinyNet(aux=False)
+    strategy = adapt.build_strategy(make_cfg("adversarial", multi_level=True), model)
+    source, target = batches(h=64, w=64)
+    with pytest.raises(ValueError, match="auxiliary"):
+        strategy.training_step(model, source, target, FakeContext())
+
+
+def test_unknown_strategy_names_the_choices():
+    cfg = make_cfg("none")
+    cfg.adapt.name = "cyclegan"
+    with pytest.raises(ValueError, match="adapt.name = 'cyclegan'.*adversarial"):
+        adapt.build_strategy(cfg, TinyNet())
