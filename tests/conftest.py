@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny data trees in the real GTA5 and Cityscapes layouts (64x128 images, label-id PNGs).
+
+    def test_x(cityscapes_root, gta5_root): ...               # read-only session trees
+    write_cityscapes(tmp_path / "cs", {"train": ["aachen", "bonn"]})  # your own tree to modify
+
+Labels hold Cityscapes label ids drawn from every id 0..33 (so ignore ids appear too); GTA5 labels are
+palettised like the real ones, gtFine labelIds are greyscale.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, however pytest is started
+
+HEIGHT, WIDTH = 64, 128
+IDS_PER_SPLIT = 2  # images per city
+
+
+def random_pair(rng: np.random.Generator, height: int = HEIGHT, width: int = WIDTH):
+    """An RGB image and a label-id map with blocky regions of every id 0..33."""
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    blocks = rng.integers(0, 34, (height // 8 + 1, width // 8 + 1), dtype=np.uint8)
+    label_ids = np.kron(blocks, np.ones((8, 8), np.uint8))[:height, :width]
+    return image, label_ids
+
+
+def save_palettised(path: Path, label_ids: np.ndarray) -> None:
+    """A mode-P PNG whose indices are the label ids (as GTA5 ships them); the palette is arbitrary colours."""
+    img = Image.fromarray(label_ids)  # mode L; putpalette turns it into P, keeping the indices
+    img.putpalette(np.random.default_rng(0).integers(0, 256, 768, dtype=np.uint8).tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def write_cityscapes(root: Path, cities: dict[str, list[str]], per_city: int = IDS_PER_SPLIT, seed: int = 0,
+                     height: int = HEIGHT, width: int = WIDTH) -> dict[str, np.ndarray]:
+    """Write root/leftImg8bit/{split}/{city}/... and gtFine labelIds; returns {stem: label ids}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, names in cities.items():
+        for city in names:
+            for frame in range(per_city):
+                stem = f"{city}_{frame:06d}_000019"
+                image, label_ids = random_pair(rng, height, width)
+                save_png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image)
+                save_png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", label_ids)
+                written[stem] = label_ids
+    return written
+
+
+def write_gta5(root: Path, count: int = 4, seed: int = 0, height: int = HEIGHT, width: int = WIDTH,
+               label_sizes: dict[int, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Write root/images/NNNNN.png + palettised root/labels/NNNNN.png; `label_sizes` {index: (h, w)} makes
+    those label maps differ in size from their image, as a few real GTA5 frames do. Returns {stem: label ids}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for index in range(count):
+        stem = f"{index + 1:05d}"
+        image, _ = random_pair(rng, height, width)
+        _, label_ids = random_pair(rng, *(label_sizes or {}).get(index, (height, width)))
+        save_png(root / "images" / f"{stem}.png", image)
+        save_palettised(root / "labels" / f"{stem}.png", label_ids)
+        written[stem] = label_ids
+    return written
+
+
+@pytest.fixture(scope="session")
+def cityscapes_tree(tmp_path_factory):
+    """(root, {stem: label ids}) of a read-only Cityscapes tree: train 2 cities x 2, val 1 city x 2."""
+    root = tmp_path_factory.mktemp("Cityscapes")
+    written = write_cityscapes(root, {"train": ["aachen", "bremen"], "val": ["frankfurt"]})
+    return root, written
+
+
+@pytest.fixture(scope="session")
+def cityscapes_root(cityscapes_tree) -> Path:
+    return cityscapes_tree[0]
+
+
+@pytest.fixture(scope="session")
+def gta5_tree(tmp_path_factory):
+    """(root, {stem: label ids}) of a read-only GTA5 tree of 4 frames, all label sizes matching."""
+    root = tmp_path_factory.mktemp("GTA5")
+    return root, write_gta5(root, count=4)
+
+
+@pytest.fixture(scope="session")
+def gta5_root(gta5_tree) -> Path:
+    return gta5_tree[0]
