@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import Config
+from config import Config, ConfigError, load_config
 from datasets.labels import IGNORE_INDEX
 
 
@@ -103,21 +103,24 @@ class Adversarial(Strategy):
         # Generator: fool the discriminators on the target. They are frozen so this loss reaches the model only.
         discriminators.requires_grad_(False)
         with ctx.autocast():
-            probs_t = self._softmaxes(model(target["image"]), target["image"].shape[-2:])
+            out_t = model(target["image"])
+            probs_t = self._softmaxes(out_t, target["image"].shape[-2:])
             adv = {k: self._gan(discriminators[k](p), a.source_label) for k, p in probs_t.items()}
             loss_adv = sum(self.lambdas[k] * v for k, v in adv.items())
+            loss_adv = loss_adv + _unused(list(out_t.aux.values())[len(adv) - 1:])
         ctx.backward(loss_adv)
         discriminators.requires_grad_(True)
 
         # Discriminators: on detached softmaxes, so this step never reaches the segmentation network.
         self.d_optimizer.zero_grad(set_to_none=True)
         for group in self.d_optimizer.param_groups:
-            group["lr"] = a.d_lr * _poly(ctx.iteration, ctx.max_iters, cfg.train.poly_power)
+            group["lr"] = a.d_lr * ctx.lr_factor  # the model's poly schedule
         with ctx.autocast():
             loss_d = sum(0.5 * self._gan(discriminators[k](p), a.source_label) for k, p in probs_s.items())
             loss_d = loss_d + sum(0.5 * self._gan(discriminators[k](p.detach()), a.target_label)
                                   for k, p in probs_t.items())
         ctx.backward(loss_d)
+        _average_across_processes(self.discriminators)
         ctx.step(self.d_optimizer)
 
         losses = {"seg": loss_seg.detach(), "disc": loss_d.detach()}
@@ -205,7 +208,7 @@ class FDA(Strategy):
             return losses  # no target term yet: skip the target pass
         with ctx.autocast():
             out_t = model(target["image"])
-            loss_t = out_t.logits.new_zeros((), dtype=torch.float32)
+            loss_t = _unused([] if self.self_supervised else list(out_t.aux.values()))
             if use_entropy:
                 loss_ent = entropy_loss(out_t.logits, a.entropy_eta, a.entropy_eps)
                 loss_t = loss_t + a.entropy_weight * loss_ent
@@ -383,8 +386,21 @@ class DACS(Strategy):
         ema_update(*self._param_pairs, alpha)
 
 
-def _poly(iteration: int, max_iters: int, power: float) -> float:
-    return (1.0 - iteration / max_iters) ** power
+def _unused(outputs: list[torch.Tensor]):
+    """Zero times the outputs a loss leaves out (auxiliary heads): under DDP every parameter must reach each
+    backward, and this costs nothing next to the forward pass that made them."""
+    return sum((0.0 * v.float().mean() for v in outputs), torch.zeros(()))
+
+
+def _average_across_processes(module: nn.Module) -> None:
+    """Average a strategy-owned module's gradients over DDP processes (it is not wrapped in DDP itself)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -402,3 +418,107 @@ def build_strategy(cfg: Config, model: nn.Module) -> Strategy:
     except KeyError:
         raise ValueError(f"adapt.name = {cfg.adapt.name!r}: expected one of {', '.join(STRATEGIES)}") from None
     return strategy_class(cfg, model)
+
+
+# ------------------------------------------------------------------------------------- pseudo-labels
+def confidence_histogram(pred: torch.Tensor, confidence: torch.Tensor, num_classes: int, bins: int) -> torch.Tensor:
+    """Counts [num_classes, bins] of the confidences of the pixels predicted as each class (one bincount)."""
+    bin_index = (confidence * bins).long().clamp_(max=bins - 1)
+    return torch.bincount((pred * bins + bin_index).reshape(-1), minlength=num_classes * bins).view(num_classes, bins)
+
+
+def class_thresholds(histogram: torch.Tensor, percentile: float, cap: float) -> torch.Tensor:
+    """Per class: the confidence at `percentile` of its pixels (FDA: sorted[round(n * 0.66)]), capped at `cap`.
+
+    From the histogram the threshold is the lower edge of the bin holding that pixel, so at most one bin's
+    width (1 / bins) below the exact value; a class never predicted gets 0, as in FDA's getSudoLabel_multi.py.
+    """
+    bins = histogram.shape[1]
+    total = histogram.sum(1)
+    rank = torch.round(total.double() * percentile).clamp(max=(total - 1).clamp(min=0).double())
+    bin_of_rank = (histogram.cumsum(1) <= rank[:, None]).sum(1)  # first bin whose cumulative count exceeds rank
+    threshold = bin_of_rank.double() / bins
+    return torch.where(total > 0, threshold.clamp(max=cap), torch.zeros_like(threshold))
+
+
+def apply_thresholds(pred: torch.Tensor, confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Pseudo-labels: the prediction where its confidence reaches its class's threshold, 255 elsewhere."""
+    keep = confidence >= thresholds.to(confidence.dtype)[pred]
+    return torch.where(keep, pred, torch.full_like(pred, IGNORE_INDEX))
+
+
+def write_pseudo_labels(cfg: Config, checkpoints: list[str], out: str | Path, bins: int = 10_000) -> Path:
+    """FDA's pseudo-labels for the target train set from the mean softmax of `checkpoints` (multi-band transfer).
+
+    Two passes over the target set: the first gathers per-class confidence histograms on the device, the second
+    predicts again and writes `out/{city}/{stem}.png` (train ids, 255 = not kept), which
+    `data.target.pseudo_labels: out` reads. Predicting twice avoids holding every confidence map in memory.
+    """
+    import dataclasses
+
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    import runtime
+    from datasets import build_dataset
+    from eval import load_models, predict_probs
+
+    a, num_classes = cfg.adapt, cfg.model.num_classes
+    device = runtime.init_distributed().device
+    images_only = dataclasses.replace(cfg.data.target, pseudo_labels=None)
+    dataset = build_dataset(images_only, cfg, "target")
+    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.train.workers,
+                        pin_memory=device.type == "cuda")
+    models = load_models(cfg, checkpoints, device)
+    amp_dtype = runtime.autocast_dtype(cfg.train.amp, device)
+
+    def predictions():
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            confidence, pred = predict_probs(models, images, images.shape[-2:], amp_dtype).max(1)
+            yield batch["name"], pred, confidence
+
+    histogram = torch.zeros(num_classes, bins, dtype=torch.int64, device=device)
+    for _, pred, confidence in predictions():
+        histogram += confidence_histogram(pred, confidence, num_classes, bins)
+    thresholds = class_thresholds(histogram, a.pseudo_percentile, a.pseudo_cap)
+
+    out = Path(out)
+    kept = torch.zeros((), dtype=torch.int64, device=device)
+    for names, pred, confidence in predictions():
+        labels = apply_thresholds(pred, confidence, thresholds)
+        kept += (labels != IGNORE_INDEX).sum()
+        for name, label in zip(names, labels.to(torch.uint8).cpu().numpy()):
+            city = name.rsplit("_", 2)[0]  # Cityscapes stems are {city}_{seq}_{frame}
+            (out / city).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(label).save(out / city / f"{name}.png")
+    share = 100 * float(kept) / max(1, int(histogram.sum()))
+    print(f"pseudo-labels for {len(dataset)} target images in {out} ({share:.1f}% of pixels kept); "
+          f"per-class thresholds: {', '.join(f'{t:.3f}' for t in thresholds.tolist())}")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Adaptation tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pseudo = commands.add_parser("pseudo-labels", help="FDA pseudo-labels for the target train set from the mean "
+                                 "softmax of one or more checkpoints")
+    pseudo.add_argument("--config", required=True, help="YAML config (its data.target, model and adapt sections)")
+    pseudo.add_argument("--checkpoint", required=True, nargs="+", help="checkpoints whose softmax is averaged")
+    pseudo.add_argument("--out", required=True, help="folder for {city}/{stem}.png train-id pseudo-labels")
+    pseudo.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        for path in args.checkpoint:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--checkpoint {path}: file not found")
+        write_pseudo_labels(cfg, args.checkpoint, args.out)
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,6 +42,10 @@ class FakeContext:
         self.watch = watch or {}  # name -> module whose gradients are recorded per backward
         self.reached = []
 
+    @property
+    def lr_factor(self):
+        return (1 - self.iteration / self.max_iters) ** 0.9
+
     def autocast(self):
         return contextlib.nullcontext()
 
@@ -221,6 +225,26 @@ def test_dacs_resumed_from_state_dicts_equals_uninterrupted():
         assert torch.equal(a, b)
     for a, b in zip(full_strategy.state_dict().values(), resumed_strategy.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------- pseudo-labels
+def test_pseudo_label_thresholds_on_a_hand_built_confidence_map():
+    # class 0: 50 pixels at 0.005, 0.015, ..., 0.495 -> FDA's sorted[round(50 * 0.66) = 33] = 0.335
+    # class 1: 10 pixels, all confident -> 66th percentile 0.955, capped at 0.9; class 2: never predicted
+    conf0 = torch.arange(50, dtype=torch.float64) / 100 + 0.005
+    conf1 = torch.linspace(0.905, 0.995, 10, dtype=torch.float64)
+    confidence = torch.cat([conf0, conf1]).view(6, 10)
+    pred = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(10, dtype=torch.long)]).view(6, 10)
+    hist = adapt.confidence_histogram(pred[None], confidence[None], 3, bins=100)
+    assert hist.sum() == 60 and hist[0].sum() == 50 and hist[2].sum() == 0
+    thresholds = adapt.class_thresholds(hist, 0.66, 0.9)
+    assert torch.allclose(thresholds, torch.tensor([0.33, 0.9, 0.0], dtype=torch.float64))
+    labels = adapt.apply_thresholds(pred, confidence, thresholds)
+    reference = pred.clone()  # FDA getSudoLabel_multi.py: label[(prob < thres[c]) & (label == c)] = 255
+    for c, t in enumerate([conf0.sort().values[33].item(), 0.9, 0.0]):
+        reference[(confidence < t) & (pred == c)] = 255
+    assert torch.equal(labels, reference)
+    assert (labels[pred == 0] != 255).sum() == 17 and (labels[pred == 1] != 255).all()
 
 
 # ----------------------------------------------------------------------------------------- adversarial
