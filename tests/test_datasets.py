@@ -8,6 +8,7 @@ from conftest import HEIGHT, WIDTH, save_png, write_cityscapes, write_gta5
 from torch.utils.data import DataLoader
 
 import datasets
+import datasets.__main__ as summary
 from config import AugmentConfig, ConfigError, from_dict
 from datasets import CityscapesDataset, DatasetError, GTA5Dataset, build_dataset
 from datasets.labels import ID_TO_TRAIN_ID, NUM_CLASSES
@@ -207,3 +208,26 @@ def test_build_dataset_synthetic_reads_the_real_layouts(tmp_path):
     assert isinstance(target, CityscapesDataset) and len(target) == 2 and "label" not in target[0]
     assert isinstance(val, CityscapesDataset) and len(val) == 2 and val[0]["label"].shape == (32, 64)
     assert set(datasets.DATASETS) == {"gta5", "cityscapes", "synthetic"}
+
+
+# ------------------------------------------------------------------------------------- python -m datasets
+def test_summary_counts_and_frequencies(gta5_tree, cityscapes_tree, tmp_path, capsys):
+    (gta5_root, gta5_written), (cs_root, cs_written) = gta5_tree, cityscapes_tree
+    config = tmp_path / "summary.yaml"
+    config.write_text(f"data:\n  source: {{name: gta5, root: '{gta5_root}', size: {HALF}}}\n"
+                      f"  target: {{name: cityscapes, root: '{cs_root}', split: train, size: {HALF}}}\n"
+                      f"  val: {{name: cityscapes, root: '{cs_root}', split: val, size: {HALF}}}\n")
+    summary.main(["--config", str(config)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:4] == ["source", "gta5", "-", "4"]
+    assert lines[2].split()[:4] == ["target", "cityscapes", "train", "4"]
+    assert lines[3].split()[:4] == ["val", "cityscapes", "val", "2"]
+    source_ids = np.concatenate([ID_TO_TRAIN_ID[ids].ravel() for ids in gta5_written.values()])
+    val_ids = np.concatenate([ID_TO_TRAIN_ID[ids].ravel() for s, ids in cs_written.items() if s.startswith("frankfurt")])
+    road = next(line for line in lines if line.startswith("road")).split()
+    assert road[1:] == [f"{100 * np.mean(source_ids == 0):.2f}", f"{100 * np.mean(val_ids == 0):.2f}"]
+
+    ds = GTA5Dataset(gta5_root, FULL)
+    assert summary.class_pixel_counts(ds, max_images=2).sum() == 2 * HEIGHT * WIDTH
+    with pytest.raises(SystemExit, match="error: .*GTA5 root '.*nowhere' not found"):
+        summary.main(["--config", str(config), "data.source.root=/nowhere"])
