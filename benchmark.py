@@ -473,8 +473,8 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
 
 
 def _distinguish(labels: list[str], groups: list[list[Run]]) -> list[str]:
-    """Append the differing config keys to rows that would otherwise share a label."""
-    out = list(labels)
+    """A suffix naming the differing config keys for rows that would otherwise look the same ("" if unique)."""
+    suffixes = [""] * len(labels)
     for label in set(labels):
         same = [i for i, lab in enumerate(labels) if lab == label]
         if len(same) < 2:
@@ -482,8 +482,8 @@ def _distinguish(labels: list[str], groups: list[list[Run]]) -> list[str]:
         flats = [_flatten(dataclasses.asdict(groups[i][0].cfg)) for i in same]
         differ = [k for k in flats[0] if k not in NOT_RESULT_KEYS and len({json.dumps(f.get(k)) for f in flats}) > 1]
         for i, flat in zip(same, flats):
-            out[i] = f"{label} [{', '.join(f'{k.split(chr(46))[-1]}={flat[k]}' for k in differ[:3])}]"
-    return out
+            suffixes[i] = " [" + ", ".join(f"{k.rsplit('.', 1)[-1]}={flat[k]}" for k in differ[:3]) + "]"
+    return suffixes
 
 
 def _metric(run: Run, which: str) -> dict:
@@ -547,7 +547,8 @@ def _complexity_table(key, number, model_name, groups, all_runs, cache, metric, 
     table = Table(key, f"Table {number}: {MODEL_NAMES[model_name]} on Cityscapes{_data_note(synthetic)}",
                   ["Model", "Seeds", "mIoU", "Latency (ms)", "FPS", "FLOPs (G MACs)", "Params (M)", "Input"],
                   synthetic=synthetic)
-    labels = _distinguish([model_label(g[0].cfg.model) for g in groups], groups)
+    labels = [model_label(g[0].cfg.model) for g in groups]
+    labels = [label + suffix for label, suffix in zip(labels, _distinguish(labels, groups))]
     devices = set()
     for label, group in zip(labels, groups):
         info = complexity_for(group, all_runs, cache, problems) or {}
@@ -581,10 +582,10 @@ def _class_table(key, groups, classes, metric, synthetic) -> Table:
         groups = sorted(groups, key=lambda g: augment_label(g[0].cfg) != "none")
     names = [[model_label(g[0].cfg.model), method_label(g[0].cfg), augment_label(g[0].cfg)] for g in groups]
     names = [{"domain-shift": n[:1], "augmentations": [n[0], n[2]], "adaptation": n}[key] for n in names]
-    last = _distinguish([n[-1] for n in names], groups)
-    for name, label, group in zip(names, last, groups):
+    suffixes = _distinguish([" | ".join(n) for n in names], groups)
+    for name, suffix, group in zip(names, suffixes, groups):
         results = [_metric(r, metric) for r in group]
-        table.rows.append(name[:-1] + [label, len(group), Stat.of(m["mIoU"] for m in results)]
+        table.rows.append(name[:-1] + [name[-1] + suffix, len(group), Stat.of(m["mIoU"] for m in results)]
                           + [Stat.of(m["IoU"].get(c) for m in results) for c in classes])
     table.notes.append(f"IoU in %, `{metric}` metrics; mean ± sample std over seeds; — = class never present")
     return table

@@ -1,0 +1,244 @@
+"""benchmark.py: parameter and FLOP counts, the timing loop, training-step cost, tables, plot and CLI errors."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import benchmark
+from config import from_dict, to_dict
+
+CLASSES = ["road", "sidewalk", "building"]
+
+
+# ------------------------------------------------------------------------------------------ counting
+class TinySeg(nn.Module):
+    """A frozen stem, a head, an aux head called only in training and a layer nothing calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)  # 3*8*9 + 8 = 224
+        self.stem.requires_grad_(False)
+        self.head = nn.Conv2d(8, 4, 1)  # 8*4 + 4 = 36
+        self.aux = nn.Conv2d(8, 4, 1)  # 36, training only
+        self.unused = nn.Linear(10, 10)  # 110, never called
+
+    def forward(self, x):
+        f = self.stem(x)
+        out = self.head(f + f)  # the add is an op fvcore does not count
+        return (out, self.aux(f)) if self.training else out
+
+
+def test_count_parameters_separates_trainable_and_what_inference_uses():
+    model = TinySeg().train()
+    counts = benchmark.count_parameters(model, torch.rand(1, 3, 8, 8))
+    assert counts == {"total": 224 + 36 + 36 + 110, "trainable": 36 + 36 + 110, "inference": 224 + 36}
+    assert model.training  # restored
+
+
+def test_count_flops_is_fvcore_macs_and_lists_skipped_ops():
+    flops = benchmark.count_flops(TinySeg(), torch.zeros(1, 3, 16, 16))
+    macs = 3 * 8 * 9 * 16 * 16 + 8 * 4 * 16 * 16  # stem + head, one multiply-add = one flop
+    assert flops["macs"] == macs
+    assert flops["by_operator"] == {"conv": macs}
+    assert any("add" in op for op in flops["skipped_ops"])
+
+
+# ------------------------------------------------------------------------------------------ timing
+def test_latency_stats_from_known_times():
+    s = benchmark.latency_stats([0.1, 0.2, 0.3, 0.4])
+    assert s["iters"] == 4 and s["mean_ms"] == pytest.approx(250.0) and s["min_ms"] == pytest.approx(100.0)
+    assert s["std_ms"] == pytest.approx(129.0994, rel=1e-4)  # sample std
+    assert s["p50_ms"] == pytest.approx(250.0) and s["p99_ms"] == pytest.approx(397.0)
+    assert s["fps"] == pytest.approx(4.0)  # 1 / mean latency
+    assert s["fps_mean"] == pytest.approx((10 + 5 + 10 / 3 + 2.5) / 4)  # the course's mean of per-call FPS
+
+
+def test_time_calls_counts_every_call_and_times_each():
+    calls = []
+    times = benchmark.time_calls(lambda x: calls.append(x.shape), torch.zeros(1, 3, 4, 4), iters=3, warmup=2)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_measure_latency_alternates_eager_and_deploy_rounds():
+    model = TinySeg()
+    deployed = TinySeg().eval().to(memory_format=torch.channels_last)
+    seen = []
+    deployed.register_forward_pre_hook(lambda m, args: seen.append((torch.is_inference_mode_enabled(),
+                                                                   args[0].is_contiguous(
+                                                                       memory_format=torch.channels_last))))
+    result = benchmark.measure_latency(model, deployed, (16, 32), torch.device("cpu"), iters=7, warmup=1)
+    assert result["eager"]["iters"] == 7 and result["deploy"]["iters"] == 7
+    assert len(seen) == 8 and all(inference and cl for inference, cl in seen)
+    assert result["speedup"] == pytest.approx(result["eager"]["mean_ms"] / result["deploy"]["mean_ms"])
+
+
+def test_model_benchmark_end_to_end_json(tmp_path, capsys):
+    path = tmp_path / "bisenet.yaml"
+    path.write_text("model: {name: bisenet, backbone: resnet18}\n")
+    rc = benchmark.main(["--config", str(path), "--size", "64x128", "--iters", "2", "--warmup", "0",
+                         "--device", "cpu", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    p = r["params"]
+    assert p["trainable"] == p["total"] > p["inference"] > p["deploy"]  # aux heads unused; BN folded
+    assert r["flops"]["macs"] > 0 and r["flops"]["skipped_ops"]
+    assert r["size"] == [64, 128] and r["threads"] >= 1 and r["torch"] == torch.__version__
+    assert r["latency"]["eager"]["iters"] == r["latency"]["deploy"]["iters"] == 2
+
+
+def test_train_step_cost_with_a_target_domain_strategy():
+    cfg = from_dict({"model": {"name": "bisenet"}, "adapt": {"name": "adversarial"}, "train": {"batch_size": 2}})
+    r = benchmark.benchmark_train_step(cfg, torch.device("cpu"), iters=1, warmup=0, size=(32, 64))
+    assert r["source_size"] == r["target_size"] == [32, 64] and r["batch_size"] == 2
+    assert r["step_s"] > 0 and r["images_per_s"] == pytest.approx(2 / r["step_s"])
+    assert r["peak_memory_bytes"] > 0 and r["amp"] == "none"  # CPU trains in float32
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("text", ["512", "512x", "x1024", "512*1024", "0x10", "-5x10", "a x b"])
+def test_parse_size_rejects_what_is_not_hxw(text):
+    with pytest.raises(benchmark.BenchmarkError, match="expected HEIGHTxWIDTH"):
+        benchmark.parse_size(text)
+    assert benchmark.parse_size("512x1024") == (512, 1024)
+
+
+def test_unknown_model_and_bad_size_are_one_line_each(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: unet}\n")
+    assert benchmark.main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unet" in err and "bad.yaml" in err
+    good = tmp_path / "good.yaml"
+    good.write_text("model: {name: bisenet}\n")
+    assert benchmark.main(["--config", str(good), "--size", "512by1024"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "512by1024" in err
+
+
+# ------------------------------------------------------------------------------------------ tables
+def write_run(root, folder, config: dict, seed: int, miou: float, ious: list, benchmark_json: dict | None = None):
+    """A run folder as train.py leaves it: config.yaml and metrics.json (and optionally benchmark.json)."""
+    cfg = to_dict(from_dict({**config, "seed": seed}))
+    run = root / folder / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("# written by the test\n")
+    iou = dict(zip(CLASSES, ious))
+    synthetic = cfg["data"]["source"]["name"] == "synthetic"
+    (run / "metrics.json").write_text(json.dumps({
+        "config_name": cfg["name"], "synthetic": synthetic, "seed": seed, "model": cfg["model"]["name"],
+        "backbone": cfg["model"]["backbone"], "adapt": cfg["adapt"]["name"], "iterations": 10, "wall_time_s": 1.0,
+        "final": {"mIoU": miou, "IoU": iou}, "best": {"mIoU": miou + 1, "iteration": 5, "IoU": iou},
+        "classes": CLASSES, "config": cfg}))
+    if benchmark_json is not None:
+        (run / "benchmark.json").write_text(json.dumps(benchmark_json))
+    return run
+
+
+GTA = {"data": {"source": {"name": "gta5"}}}
+
+
+def fake_benchmark(model: dict, fps: float) -> dict:
+    model_cfg = to_dict(from_dict({"model": model}))["model"]
+    return {"model": model_cfg, "size": [512, 1024], "device_name": "Test GPU", "threads": 4, "torch": "2.11",
+            "params": {"inference": 12_054_042}, "flops": {"gmacs": 25.59},
+            "latency": {"eager": {"mean_ms": 1000 / fps, "fps": fps}}}
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    root = tmp_path / "runs"
+    # table 3: two seeds of the same config collapse into one row
+    write_run(root, "gta5_bisenet", {**GTA, "name": "gta5_bisenet"}, 0, 30.0, [80.0, 20.0, None])
+    write_run(root, "gta5_bisenet", {**GTA, "name": "gta5_bisenet"}, 1, 34.0, [84.0, 30.0, None])
+    # table 4: an augmentation setting; its folder name claims something else (rows come from the config)
+    write_run(root, "cityscapes_oops", {"data": {"source": {"name": "gta5"}, "augment": {"hflip": 0.5}}},
+              0, 33.0, [82.0, 25.0, 10.0])
+    # table 5: FDA, and two adversarial runs that differ in the learning rate only
+    write_run(root, "fda", {**GTA, "adapt": {"name": "fda", "beta": 0.05}}, 0, 31.0, [81.0, 21.0, 5.0])
+    write_run(root, "adv_a", {**GTA, "adapt": {"name": "adversarial"}, "train": {"lr": 0.01}}, 0, 32.0, [1, 2, 3])
+    write_run(root, "adv_b", {**GTA, "adapt": {"name": "adversarial"}, "train": {"lr": 0.001}}, 0, 29.0, [1, 2, 3])
+    # tables 1-2 with a benchmark.json
+    write_run(root, "cs_bisenet", {"data": {"source": {"name": "cityscapes"}}}, 0, 50.0, [95.0, 70.0, 85.0],
+              fake_benchmark({"name": "bisenet"}, 50.0))
+    # synthetic data mimicking the GTA5 domain
+    write_run(root, "synth", {"data": {"source": {"name": "synthetic", "domain": "source"}}}, 0, 40.0, [90, 30, 0])
+    # no metrics.json: unfinished
+    (root / "unfinished" / "t0").mkdir(parents=True)
+    (root / "unfinished" / "t0" / "config.yaml").write_text("seed: 0\n")
+    # broken metrics.json
+    (root / "broken" / "t0").mkdir(parents=True)
+    (root / "broken" / "t0" / "metrics.json").write_text("{not json")
+    return root
+
+
+def by_key(tables, key, synthetic=False):
+    (table,) = [t for t in tables if t.key == key and t.synthetic == synthetic]
+    return table
+
+
+def test_seeds_collapse_into_mean_and_std(runs_dir):
+    runs, problems = benchmark.find_runs([runs_dir])
+    tables = benchmark.build_tables(runs, "all", problems=problems)
+    (row,) = by_key(tables, "domain-shift").rows
+    assert row[0] == "BiSeNet-R18" and row[1] == 2
+    miou, road, sidewalk, building = row[2:]
+    assert (miou.mean, miou.n) == (32.0, 2) and miou.std == pytest.approx(math.sqrt(8))
+    assert road.mean == 82.0 and sidewalk.mean == 25.0
+    assert building.mean is None and benchmark._cell_text(building) == "—"  # absent class, never averaged as 0
+
+
+def test_rows_are_classified_from_the_config_not_the_folder(runs_dir):
+    runs, problems = benchmark.find_runs([runs_dir])
+    tables = benchmark.build_tables(runs, "all", problems=problems)
+    aug = by_key(tables, "augmentations")
+    assert [r[1] for r in aug.rows] == ["none", "hflip 0.5"]  # the source-only baseline first
+    adaptation = by_key(tables, "adaptation")
+    methods = sorted(r[1] for r in adaptation.rows)
+    assert "FDA (β=0.05)" in methods
+    adv = [r for r in adaptation.rows if r[1].startswith("Adversarial")]
+    assert len(adv) == 2 and {r[2] for r in adv} == {"none [lr=0.01]", "none [lr=0.001]"}
+    (cs,) = by_key(tables, "cityscapes").rows
+    assert cs[0] == "BiSeNet-R18" and cs[2].mean == 50.0 and cs[3] == pytest.approx(20.0) and cs[4] == 50.0
+    assert cs[5] == 25.59 and cs[6] == pytest.approx(12.054042) and cs[7] == "512x1024"
+
+
+def test_synthetic_runs_get_their_own_marked_tables(runs_dir):
+    runs, problems = benchmark.find_runs([runs_dir])
+    tables = benchmark.build_tables(runs, "domain-shift", problems=problems)
+    real, synth = by_key(tables, "domain-shift"), by_key(tables, "domain-shift", synthetic=True)
+    assert "SYNTHETIC" in synth.title and "SYNTHETIC" not in real.title
+    assert [r[2].mean for r in synth.rows] == [40.0] and [r[2].mean for r in real.rows] == [32.0]
+    rows = list(csv.reader(io.StringIO(benchmark.format_csv(tables))))
+    header = rows[0]
+    assert header[:6] == ["table", "data", "Model", "Seeds", "mIoU", "mIoU std"]
+    data_of = {r[4]: r[1] for r in rows if r and r[0] == "domain-shift"}  # mIoU -> data kind
+    assert data_of == {"32.00": "real", "40.00": "synthetic"}
+
+
+def test_missing_and_broken_metrics_are_reported_and_the_rest_tabulated(runs_dir, capsys):
+    assert benchmark.main(["--runs", str(runs_dir), "--table", "all", "--format", "md"]) == 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert any("unfinished" in line and "no metrics.json" in line for line in lines)
+    assert any("broken" in line and "not readable JSON" in line for line in lines)
+    assert "### Table 3: GTA5 → Cityscapes, source only" in out and "32.0 ± 2.8" in out
+    assert "### Table 2: BiSeNet on Cityscapes" in out and "### Table 5" in out
+
+
+def test_plot_is_a_png_with_one_marker_per_config_that_has_a_speed(runs_dir, tmp_path):
+    # give the GTA5 BiSeNet rows their speed through the Cityscapes run's benchmark.json (same model)
+    runs, problems = benchmark.find_runs([runs_dir])
+    path = tmp_path / "miou_fps.png"
+    drawn = benchmark.plot_miou_fps(runs, path, problems=problems)
+    groups = benchmark.group_runs(runs)
+    assert drawn == len(groups)  # every config here is BiSeNet-R18, whose speed is known
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100
