@@ -10,6 +10,7 @@ import abc
 import argparse
 import copy
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -335,10 +336,13 @@ class DACS(Strategy):
 
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
-        src, tgt = cfg.data.source.size, cfg.data.target.size
-        if src != tgt:
+        src, tgt, crop = cfg.data.source.size, cfg.data.target.size, cfg.adapt.crop
+        if crop is None and src != tgt:
             raise ValueError(f"adapt.name = dacs mixes source and target pixel for pixel: data.source.size {src} "
-                             f"and data.target.size {tgt} must be equal")
+                             f"and data.target.size {tgt} must be equal, or set adapt.crop [width, height]")
+        if crop is not None and (len(crop) != 2 or crop[0] > min(src[0], tgt[0]) or crop[1] > min(src[1], tgt[1])):
+            raise ValueError(f"adapt.crop = {crop}: expected [width, height] no larger than data.source.size {src} "
+                             f"and data.target.size {tgt}")
         self.teacher = copy.deepcopy(model)
         self.teacher.requires_grad_(False)
         self.teacher.train()
@@ -351,8 +355,12 @@ class DACS(Strategy):
     def training_step(self, model, source, target, ctx):
         a, cfg = self.cfg.adapt, self.cfg
         # Randomness from (seed, iteration) alone: the same mixes after a resume, whatever the RNG state.
+        step_seed = cfg.seed * 1_000_003 + ctx.iteration
         gen = torch.Generator(device=source["image"].device)
-        gen.manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
+        gen.manual_seed(step_seed)
+        if a.crop is not None:
+            offsets = random.Random(step_seed)  # host-side ints: cropping needs no device sync
+            source, target = _random_crop(source, a.crop, offsets), _random_crop(target, a.crop, offsets)
 
         with ctx.autocast():
             loss_src = segmentation_loss(model(source["image"]), source["label"], cfg.model.aux_weight)
@@ -384,6 +392,14 @@ class DACS(Strategy):
             self._param_pairs = (list(self.teacher.parameters()), list(student.parameters()))
         alpha = min(1.0 - 1.0 / (ctx.iteration + 1), self.cfg.adapt.ema_alpha)
         ema_update(*self._param_pairs, alpha)
+
+
+def _random_crop(batch: dict, crop: list[int], rng: random.Random) -> dict:
+    """An independent random [width, height] crop of each image (and label) of a batch, as DACS's loader takes."""
+    (h, w), (cw, ch) = batch["image"].shape[-2:], crop
+    boxes = [(rng.randint(0, h - ch), rng.randint(0, w - cw)) for _ in range(batch["image"].shape[0])]
+    return {k: torch.stack([v[i, ..., y:y + ch, x:x + cw] for i, (y, x) in enumerate(boxes)])
+            if k in ("image", "label") else v for k, v in batch.items()}
 
 
 def _unused(outputs: list[torch.Tensor]):

@@ -2,15 +2,20 @@
 pseudo-label thresholds, and (through train.py) a few iterations of every synthetic adaptation config."""
 import contextlib
 import copy
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 import adapt
-from config import from_dict
+import runtime
+from config import from_dict, load_config
 from models.base import SegOutput
 
 C = 5  # classes of the stand-in network
@@ -311,3 +316,95 @@ def test_unknown_strategy_names_the_choices():
     cfg.adapt.name = "cyclegan"
     with pytest.raises(ValueError, match="adapt.name = 'cyclegan'.*adversarial"):
         adapt.build_strategy(cfg, TinyNet())
+
+
+# ------------------------------------------------------------------------------ end to end (train.py)
+REPO = Path(__file__).resolve().parents[1]
+ADAPT_CONFIGS = sorted(p for p in (REPO / "configs" / "synthetic").glob("*.yaml")
+                       if load_config(p).adapt.name != "none")
+
+
+def tiny(root: Path, **extra) -> list[str]:
+    """Two iterations on 64x128 synthetic images, float32 on the CPU, deterministic."""
+    settings = {
+        "data.source.root": root, "data.target.root": root, "data.val.root": root,
+        "data.source.size": "[128,64]", "data.target.size": "[128,64]", "data.val.size": "[128,64]",
+        "data.synthetic.num_source": 8, "data.synthetic.num_target": 8, "data.synthetic.num_val": 2,
+        "data.synthetic.height": 64, "data.synthetic.width": 128,
+        "train.iters": 2, "train.batch_size": 2, "train.workers": 0, "train.log_interval": 1,
+        "train.checkpoint_interval": 2, "train.deterministic": "true", "train.vis_images": 0,
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic_adapt") / "data"
+
+
+def test_every_synthetic_adaptation_config_is_covered():
+    names = {p.stem for p in ADAPT_CONFIGS}
+    assert {"gta5_bisenet_adv", "gta5_bisenet_adv_multi", "gta5_bisenet_fda_b0.01", "gta5_bisenet_fda_b0.05",
+            "gta5_bisenet_fda_b0.09", "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs"} <= names
+
+
+@pytest.mark.parametrize("config", [p for p in ADAPT_CONFIGS if p.stem != "gta5_bisenet_fda_ssl"], ids=lambda p: p.stem)
+def test_synthetic_config_trains_end_to_end(config, tiny_root, tmp_path):
+    from train import train
+
+    cfg = load_config(config, tiny(tiny_root))
+    run_dir = train(cfg, work_dir=tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["adapt"] == cfg.adapt.name and metrics["iterations"] == 2
+    strategy_state = runtime.load_checkpoint(run_dir / "last.pt")["strategy"]
+    if cfg.adapt.name == "adversarial":
+        levels = {k.split(".")[1] for k in strategy_state if k.startswith("discriminators.")}
+        assert levels == ({"main", "aux"} if cfg.adapt.multi_level else {"main"})
+        assert strategy_state["_extra_state"]["d_optimizer"]["state"]  # Adam moments were saved
+    if cfg.adapt.name == "dacs":
+        assert any(k.startswith("teacher.") for k in strategy_state)
+
+
+def test_mbt_pseudo_labels_then_self_supervised_round(tiny_root, tmp_path):
+    from train import train
+
+    fda = load_config(REPO / "configs" / "synthetic" / "gta5_bisenet_fda_b0.09.yaml", tiny(tiny_root))
+    checkpoint = train(fda, work_dir=tmp_path / "runs") / "last.pt"
+    out = tmp_path / "pseudo"
+    ssl_config = REPO / "configs" / "synthetic" / "gta5_bisenet_fda_ssl.yaml"
+    assert adapt.main(["pseudo-labels", "--config", str(ssl_config), "--checkpoint", str(checkpoint),
+                       str(checkpoint), "--out", str(out), *tiny(tiny_root)]) == 0
+    files = sorted(out.glob("*/*.png"))
+    assert len(files) == 8
+    values = np.unique(np.concatenate([np.asarray(Image.open(f)).ravel() for f in files]))
+    assert set(values.tolist()) <= set(range(19)) | {255} and 255 in values.tolist()
+
+    ssl = load_config(ssl_config, tiny(tiny_root, **{"data.target.pseudo_labels": out}))
+    run_dir = train(ssl, work_dir=tmp_path / "runs")
+    assert json.loads((run_dir / "metrics.json").read_text())["iterations"] == 2
+
+
+def test_resumed_dacs_run_equals_an_uninterrupted_one(tiny_root, tmp_path, monkeypatch):
+    from train import train
+
+    config = REPO / "configs" / "synthetic" / "gta5_bisenet_dacs.yaml"
+    cfg = load_config(config, tiny(tiny_root, **{"train.iters": 4}))
+    save = runtime.save_checkpoint
+    halfway = tmp_path / "halfway" / "last.pt"
+
+    def save_and_keep_halfway(state, path):
+        save(state, path)
+        if state["iteration"] == 2 and Path(path).name == "last.pt":
+            save(state, halfway)
+
+    monkeypatch.setattr(runtime, "save_checkpoint", save_and_keep_halfway)
+    straight = runtime.load_checkpoint(train(cfg, work_dir=tmp_path / "straight") / "last.pt")
+    assert halfway.is_file()
+    resumed_dir = train(cfg, work_dir=tmp_path / "resumed", resume=str(halfway))
+    resumed = runtime.load_checkpoint(resumed_dir / "last.pt")
+    assert resumed["iteration"] == straight["iteration"] == 4
+    for part in ("model", "strategy"):  # the teacher is part of the strategy's state
+        assert straight[part].keys() == resumed[part].keys()
+        for key, value in straight[part].items():
+            assert torch.equal(value, resumed[part][key]), f"{part}.{key} differs after the resume"
