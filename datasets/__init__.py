@@ -27,6 +27,9 @@ def build_dataset(ds_cfg: DatasetConfig, cfg: Config, role: str):
     """The data set of `ds_cfg` in `role` (source | target | val); see the module docstring."""
     if role not in ROLES:
         raise ValueError(f"role {role!r}: expected one of {', '.join(ROLES)}")
+    size = ds_cfg.size
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"data.{role}.size = {size}: expected [width, height], two positive ints")
     return DATASETS[ds_cfg.name](ds_cfg, cfg, role)
 
 

@@ -38,14 +38,19 @@ class ImageLabelDataset(Dataset):
         self.full_labels = full_labels
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
+        # In shared memory, so DataLoader workers (persistent ones included) see set_epoch from the main process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream of `epoch` (call before each epoch, before the loader iterates)."""
-        self.epoch = epoch
+        """Select the augmentation stream of `epoch`; call before `iter(loader)` starts the epoch."""
+        self._epoch.fill_(epoch)
 
     def label_path(self, index: int) -> Path:
         if self.labels is None:

@@ -73,4 +73,4 @@ def colorize(train_ids):
 def _lookup(table: np.ndarray, values):
     if isinstance(values, torch.Tensor):
         return torch.tensor(table, device=values.device)[values.long()]
-    return table[np.asarray(values).astype(np.intp, copy=False)]
+    return table[np.asarray(values)]

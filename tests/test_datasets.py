@@ -163,12 +163,23 @@ def test_augmentation_stream_depends_only_on_seed_epoch_index(gta5_root):
     for a, b in zip(forward, backward):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     ds.set_epoch(1)
-    assert not all(torch.equal(a["image"], ds[i]["image"]) for i, a in enumerate(forward))
-    # Two workers (each with its own copy and its own share of the indices) give the same batches.
+    epoch1 = [ds[i] for i in range(len(ds))]
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(forward, epoch1))
+    # Two persistent workers (each with its own copy and its own share of the indices) give the same batches,
+    # and see set_epoch from the main process.
     ds.set_epoch(0)
-    batches = list(DataLoader(ds, batch_size=2, num_workers=2))
-    assert torch.equal(batches[0]["image"], torch.stack([forward[0]["image"], forward[1]["image"]]))
-    assert torch.equal(batches[1]["label"], torch.stack([forward[2]["label"], forward[3]["label"]]))
+    loader = DataLoader(ds, batch_size=2, num_workers=2, persistent_workers=True)
+    for epoch, expected in enumerate((forward, epoch1)):
+        ds.set_epoch(epoch)
+        batches = list(loader)
+        assert torch.equal(batches[0]["image"], torch.stack([expected[0]["image"], expected[1]["image"]]))
+        assert torch.equal(batches[1]["label"], torch.stack([expected[2]["label"], expected[3]["label"]]))
+
+
+def test_build_dataset_size_error(cityscapes_root):
+    cfg = make_config({}, {}, {"name": "cityscapes", "root": str(cityscapes_root), "split": "val", "size": [64]})
+    with pytest.raises(ConfigError, match=r"data.val.size = \[64\]: expected \[width, height\]"):
+        build_dataset(cfg.data.val, cfg, "val")
 
 
 # ------------------------------------------------------------------------------------------ build_dataset
