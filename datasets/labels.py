@@ -56,7 +56,8 @@ def check_train_ids(train_ids: np.ndarray, path: object = "<array>") -> np.ndarr
     if bad_mask.any():
         bad = np.unique(train_ids[bad_mask])
         shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if len(bad) > 10 else "")
-        raise DatasetError(f"{path}: values {shown} are not train ids (expected 0..{NUM_CLASSES - 1} or {IGNORE_INDEX})")
+        raise DatasetError(f"{path}: values {shown} are not train ids "
+                           f"(expected 0..{NUM_CLASSES - 1} or {IGNORE_INDEX})")
     return train_ids
 
 

@@ -234,7 +234,8 @@ def test_summary_counts_and_frequencies(gta5_tree, cityscapes_tree, tmp_path, ca
     assert lines[2].split()[:4] == ["target", "cityscapes", "train", "4"]
     assert lines[3].split()[:4] == ["val", "cityscapes", "val", "2"]
     source_ids = np.concatenate([ID_TO_TRAIN_ID[ids].ravel() for ids in gta5_written.values()])
-    val_ids = np.concatenate([ID_TO_TRAIN_ID[ids].ravel() for s, ids in cs_written.items() if s.startswith("frankfurt")])
+    val_ids = np.concatenate([ID_TO_TRAIN_ID[ids].ravel() for stem, ids in cs_written.items()
+                              if stem.startswith("frankfurt")])
     road = next(line for line in lines if line.startswith("road")).split()
     assert road[1:] == [f"{100 * np.mean(source_ids == 0):.2f}", f"{100 * np.mean(val_ids == 0):.2f}"]
 
