@@ -1,0 +1,206 @@
+"""The trainer end to end on tiny synthetic domains: run folder, both models, resume exactness, faults, 2-process gloo."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime
+from config import load_config
+from train import TrainingDiverged, train
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE_ONLY = REPO / "configs" / "synthetic" / "gta5_bisenet.yaml"
+
+
+def tiny_overrides(root: Path, **extra) -> list[str]:
+    """A few iterations on 64x128 synthetic images, in float32 on the CPU, deterministic."""
+    settings = {
+        "data.source.root": root, "data.target.root": root, "data.val.root": root,
+        "data.source.size": "[128,64]", "data.target.size": "[128,64]", "data.val.size": "[128,64]",
+        "data.synthetic.num_source": 12, "data.synthetic.num_target": 8, "data.synthetic.num_val": 4,
+        "data.synthetic.height": 64, "data.synthetic.width": 128,
+        "train.iters": 4, "train.batch_size": 2, "train.workers": 0, "train.log_interval": 2,
+        "train.checkpoint_interval": 2, "train.deterministic": "true", "train.vis_images": 2,
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The tiny synthetic domains, generated once per session by the real data path."""
+    from datasets import build_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    cfg = load_config(SOURCE_ONLY, tiny_overrides(root))
+    build_dataset(cfg.data.source, cfg, "source")
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, here and in the subprocesses: on 2 shared cores two threads per process
+    oversubscribe badly, and an in-process run and a subprocess run must use the same kernels to compare bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def final_weights(run_dir: Path) -> dict:
+    return runtime.load_checkpoint(run_dir / "last.pt")["model"]
+
+
+def test_bisenet_run_folder_and_metrics(synthetic_root, tmp_path):
+    cfg = load_config(SOURCE_ONLY, tiny_overrides(synthetic_root, **{"train.eval_interval": 2}))
+    run_dir = train(cfg, work_dir=tmp_path)
+    assert run_dir.parent == tmp_path / "gta5_bisenet"
+    assert load_config(run_dir / "config.yaml") == cfg  # the resolved config, readable again
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["config_name"] == "gta5_bisenet" and metrics["synthetic"] is True
+    assert (metrics["model"], metrics["backbone"], metrics["adapt"]) == ("bisenet", "resnet18", "none")
+    assert metrics["iterations"] == 4 and metrics["wall_time_s"] > 0
+    assert len(metrics["classes"]) == 19 and metrics["classes"][0] == "road"
+    assert set(metrics["final"]["IoU"]) == set(metrics["classes"])
+    assert 0 <= metrics["final"]["mIoU"] <= 100
+    assert metrics["best"]["iteration"] in (2, 4) and metrics["best"]["mIoU"] >= metrics["final"]["mIoU"]
+    best, last = (runtime.load_checkpoint(run_dir / n) for n in ("best.pt", "last.pt"))
+    assert last["iteration"] == 4 and best["iteration"] == metrics["best"]["iteration"]
+    assert set(last) >= {"model", "optimizer", "scheduler", "scaler", "strategy", "rng", "best"}
+    # the poly schedule reached its last step: lr = base * (1 - 3/4) ** 0.9 during the last iteration
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0)
+
+
+def test_deeplabv2_one_iteration(synthetic_root, tmp_path):
+    cfg = load_config(REPO / "configs" / "synthetic" / "gta5_bisenet.yaml", tiny_overrides(
+        synthetic_root, **{"model.name": "deeplabv2", "model.backbone": "resnet101", "model.freeze_bn": "true",
+                           "train.iters": 1, "train.lr": 2.5e-4, "train.head_lr_mult": 10}))
+    run_dir = train(cfg, work_dir=tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model"] == "deeplabv2" and metrics["iterations"] == 1
+    optimizer = runtime.load_checkpoint(run_dir / "last.pt")["optimizer"]
+    lrs = [group["initial_lr"] for group in optimizer["param_groups"]]
+    assert lrs == pytest.approx([2.5e-4, 2.5e-3])  # the head learns 10x faster
+
+
+def test_sigkill_and_resume_gives_the_same_weights(synthetic_root, tmp_path):
+    overrides = tiny_overrides(synthetic_root, **{"train.iters": 8})
+    reference = train(load_config(SOURCE_ONLY, overrides), work_dir=tmp_path / "straight")
+
+    work_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(SOURCE_ONLY), *overrides,
+                             "--work-dir", str(work_dir)], cwd=REPO, env=ONE_THREAD_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(work_dir.glob("gta5_bisenet/*/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (checkpoint,) = work_dir.glob("gta5_bisenet/*/last.pt")
+    assert runtime.load_checkpoint(checkpoint)["iteration"] < 8, "the run finished before it could be killed"
+
+    resumed = train(load_config(SOURCE_ONLY, overrides), work_dir=work_dir, resume="auto")
+    assert resumed == checkpoint.parent
+    expected, got = final_weights(reference), final_weights(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_ctrl_c_saves_last_and_stops_cleanly(synthetic_root, tmp_path, monkeypatch, capsys):
+    import adapt
+
+    original = adapt.SourceOnly.training_step
+
+    def interrupted_step(self, model, source, target, ctx):
+        if ctx.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to the trainer's handler
+        return original(self, model, source, target, ctx)
+
+    monkeypatch.setattr(adapt.SourceOnly, "training_step", interrupted_step)
+    cfg = load_config(SOURCE_ONLY, tiny_overrides(synthetic_root, **{"train.iters": 50,
+                                                                    "train.checkpoint_interval": 1000}))
+    run_dir = train(cfg, work_dir=tmp_path)
+    assert "stopped at iteration 3" in capsys.readouterr().out
+    assert runtime.load_checkpoint(run_dir / "last.pt")["iteration"] == 3
+    assert not (run_dir / "metrics.json").exists()  # an unfinished run has no final metrics
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
+    cfg = load_config(SOURCE_ONLY, tiny_overrides(synthetic_root, **{
+        "train.lr": 1e30, "train.iters": 20, "train.log_interval": 1, "train.checkpoint_interval": 1}))
+    with pytest.raises(TrainingDiverged, match="NaN/inf by iteration"):
+        train(cfg, work_dir=tmp_path)
+    (checkpoint,) = tmp_path.glob("gta5_bisenet/*/last.pt")
+    state = runtime.load_checkpoint(checkpoint)
+    assert state["iteration"] < 20
+    assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
+    assert not list(checkpoint.parent.glob("metrics.json"))
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    runtime.save_checkpoint({"iteration": 1, "w": torch.ones(3)}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        runtime.save_checkpoint({"iteration": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert runtime.load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_epoch_sampler_shards_and_skips():
+    full = list(runtime.EpochSampler(10, seed=3))
+    assert sorted(full) == list(range(10))
+    sampler = runtime.EpochSampler(10, seed=3)
+    sampler.set_epoch(1)
+    assert list(sampler) != full  # a new order each epoch
+    sampler.set_epoch(0, skip=4)
+    assert list(sampler) == full[4:]
+    shards = [list(runtime.EpochSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(s) == 3 for s in shards) and len(set(sum(shards, []))) == 9
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    runtime.seed_everything(5)
+    runtime.save_checkpoint({"rng": runtime.rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    runtime.seed_everything(6)
+    runtime.set_rng_state(runtime.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_two_processes_with_gloo(synthetic_root, tmp_path):
+    # batch 4 = 2 per process (BiSeNet's global-pool BN needs 2 samples)
+    overrides = tiny_overrides(synthetic_root, **{"train.iters": 2, "train.batch_size": 4})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", "--config", str(SOURCE_ONLY), *overrides, "--work-dir", str(tmp_path)],
+                            cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (run_dir,) = tmp_path.glob("gta5_bisenet/*")  # rank 0 alone made a run folder
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["iterations"] == 2
+    state = runtime.load_checkpoint(run_dir / "last.pt")
+    assert len(state["rng"]) == 2  # both ranks' RNG states
