@@ -43,6 +43,9 @@ def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
     """The model named by `cfg.name`, its backbone loaded from `cfg.pretrained` (none | imagenet | PATH)."""
     if isinstance(cfg, Mapping):
         cfg = from_dict({"model": dict(cfg)}, source="model config").model
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build_model takes the `model` section of a config (ModelConfig or a mapping), "
+                        f"got {type(cfg).__name__}")
     if cfg.num_classes < 1:
         raise ValueError(f"model.num_classes = {cfg.num_classes}: expected a positive number of classes")
     model = MODELS[cfg.name](cfg)

@@ -68,6 +68,9 @@ class BiSeNet(SegmentationModel):
             freeze_bn_affine(self.backbone)
 
     def forward_logits(self, x, with_aux):
+        if self.training and x.shape[0] < 2:
+            raise ValueError("BiSeNet trains on batches of at least 2 images: the BN layers of its attention "
+                             "modules normalise globally pooled features across the batch")
         spatial = self.spatial_path(x)
         layer3, layer4 = resnet_features(self.backbone, x)
         context16 = self.arm16(layer3)

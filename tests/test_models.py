@@ -62,9 +62,11 @@ def test_output_contract(cfg, aux_names):
         assert torch.isfinite(logits).all()
 
 
-def test_bisenet_aux_strides(bisenet18):
+def test_bisenet_aux_strides_and_batch_of_one(bisenet18):
     out = bisenet18.train()(images(size=(32, 64)))
     assert out.aux["context16"].shape[-2:] == (2, 4) and out.aux["context32"].shape[-2:] == (1, 2)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        bisenet18(images(batch=1))
 
 
 def test_input_norm_matches_each_convention():
@@ -202,6 +204,8 @@ def test_bad_model_config_names_the_key():
         build_model({"name": "bisenet", "backbnoe": "resnet18"})
     with pytest.raises(ValueError, match="aux_head"):
         build_model({"name": "bisenet", "aux_head": True})
+    with pytest.raises(ValueError, match="aspp_dilations"):
+        build_model({"name": "deeplabv2", "aspp_dilations": []})
 
 
 # ----------------------------------------------------------------------------------------- deploy form
