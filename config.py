@@ -86,8 +86,10 @@ class ModelConfig:
     # `imagenet` = RGB / 255 with ImageNet mean/std (torchvision); `caffe` = BGR minus the caffe means (DeepLab).
     input_norm: Literal["imagenet", "caffe"] = "imagenet"
     num_classes: int = 19
-    # Where a ResNet bottleneck strides: `v1.5` (torchvision, in the 3x3) or `v1` (caffe DeepLab weights, in the 1x1).
+    # Where a ResNet bottleneck strides: `v1.5` (torchvision, in the 3x3) or `v1` (caffe DeepLab weights, in the 1x1,
+    # with caffe's ceil-mode max-pool: the course's 374.7 GFLOPs DeepLabV2 is this variant).
     resnet_variant: Literal["v1", "v1.5"] = "v1.5"
+    # DeepLabV2 ASPP rates; [6, 12] is the head AdaptSegNet and DACS actually ran (DAFormer's `dlv2red`).
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     # Freeze the backbone BN affine parameters (running stats still update); null = the model's recipe:
     # frozen for DeepLabV2, trained for BiSeNet.
