@@ -21,6 +21,15 @@ from models.base import SegOutput
 C = 5  # classes of the stand-in network
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run fastest on one thread; on a shared 2-core machine two threads can be 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyNet(nn.Module):
     """A stand-in segmentation model: SegOutput at stride 2 in training, upsampled logits in eval."""
 
@@ -349,7 +358,9 @@ def test_every_synthetic_adaptation_config_is_covered():
             "gta5_bisenet_fda_b0.09", "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs"} <= names
 
 
-@pytest.mark.parametrize("config", [p for p in ADAPT_CONFIGS if p.stem != "gta5_bisenet_fda_ssl"], ids=lambda p: p.stem)
+# fda_b0.09 and fda_ssl run in the pseudo-label test, dacs in the resume test
+@pytest.mark.parametrize("config", [p for p in ADAPT_CONFIGS if p.stem not in (
+    "gta5_bisenet_fda_b0.09", "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs")], ids=lambda p: p.stem)
 def test_synthetic_config_trains_end_to_end(config, tiny_root, tmp_path):
     from train import train
 
@@ -362,8 +373,6 @@ def test_synthetic_config_trains_end_to_end(config, tiny_root, tmp_path):
         levels = {k.split(".")[1] for k in strategy_state if k.startswith("discriminators.")}
         assert levels == ({"main", "aux"} if cfg.adapt.multi_level else {"main"})
         assert strategy_state["_extra_state"]["d_optimizer"]["state"]  # Adam moments were saved
-    if cfg.adapt.name == "dacs":
-        assert any(k.startswith("teacher.") for k in strategy_state)
 
 
 def test_mbt_pseudo_labels_then_self_supervised_round(tiny_root, tmp_path):
@@ -404,6 +413,7 @@ def test_resumed_dacs_run_equals_an_uninterrupted_one(tiny_root, tmp_path, monke
     resumed_dir = train(cfg, work_dir=tmp_path / "resumed", resume=str(halfway))
     resumed = runtime.load_checkpoint(resumed_dir / "last.pt")
     assert resumed["iteration"] == straight["iteration"] == 4
+    assert any(k.startswith("teacher.") for k in straight["strategy"])
     for part in ("model", "strategy"):  # the teacher is part of the strategy's state
         assert straight[part].keys() == resumed[part].keys()
         for key, value in straight[part].items():
