@@ -64,6 +64,9 @@ class BiSeNet(SegmentationModel):
         self.classifier = nn.Conv2d(num_classes, num_classes, 1)
         self.aux_heads = nn.ModuleDict({"context16": nn.Conv2d(c16, num_classes, 1),
                                         "context32": nn.Conv2d(c32, num_classes, 1)})
+        for name, m in self.named_modules():  # the course code's initialisation of the new convs
+            if isinstance(m, nn.Conv2d) and not name.startswith("backbone."):
+                nn.init.kaiming_normal_(m.weight)
         if freeze_bn:
             freeze_bn_affine(self.backbone)
 
