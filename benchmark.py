@@ -170,6 +170,15 @@ def measure_latency(model: nn.Module, deployed: nn.Module | None, size: tuple[in
     if deployed is not None:
         forms["deploy"] = (deployed, image.contiguous(memory_format=torch.channels_last), torch.inference_mode,
                            lambda: autocast_context(device, amp))
+    result = time_forms(forms, iters, warmup)
+    if deployed is not None:
+        result["speedup"] = result["eager"]["mean_ms"] / result["deploy"]["mean_ms"]
+    return result
+
+
+def time_forms(forms: dict, iters: int, warmup: int) -> dict:
+    """`forms`: name -> (callable, input, grad-mode context, autocast context factory). The forms take turns
+    in TIMING_ROUNDS rounds of about iters / TIMING_ROUNDS calls each; returns name -> latency_stats."""
     rounds = max(1, min(TIMING_ROUNDS, iters))
     chunks = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
     times: dict[str, list[float]] = {name: [] for name in forms}
@@ -177,10 +186,7 @@ def measure_latency(model: nn.Module, deployed: nn.Module | None, size: tuple[in
         for name, (net, x, grad_mode, cast) in forms.items():
             with grad_mode(), cast():
                 times[name] += time_calls(net, x, chunk, warmup if r == 0 else 0)
-    result = {name: latency_stats(t) for name, t in times.items()}
-    if deployed is not None:
-        result["speedup"] = result["eager"]["mean_ms"] / result["deploy"]["mean_ms"]
-    return result
+    return {name: latency_stats(t) for name, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -207,6 +213,8 @@ def benchmark_model(cfg: Config, size: tuple[int, int], device: torch.device, it
     """Parameters, FLOPs and eager/deploy latency of `cfg.model` at `size` on `device`: one JSON-able dict."""
     import models
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input size: let cuDNN pick its kernels during the warm-up
     model = build_model(_without_pretrained(cfg.model), source).to(device).eval()
     small = torch.rand(1, 3, min(size[0], 64), min(size[1], 128), device=device) * 255
     params = count_parameters(model, small)
@@ -263,6 +271,7 @@ def benchmark_train_step(cfg: Config, device: torch.device, iters: int, warmup: 
         cfg = copy.deepcopy(cfg)
         cfg.data.source.size = cfg.data.target.size = [size[1], size[0]]
     t = cfg.train
+    runtime.seed_everything(cfg.seed, t.deterministic)  # as train.py does (it also sets cuDNN autotuning)
     batch = batch_size or t.batch_size
     src_hw = (cfg.data.source.size[1], cfg.data.source.size[0])  # config sizes are [W, H]
     tgt_hw = (cfg.data.target.size[1], cfg.data.target.size[0])
@@ -490,14 +499,21 @@ def _metric(run: Run, which: str) -> dict:
     return run.metrics.get(which) or run.metrics["final"]
 
 
+def benchmark_json_for(model_cfg, runs: list[Run]) -> dict | None:
+    """The benchmark.json of any run whose model section equals `model_cfg` (weights aside): speed is a
+    property of the model and the machine, not of how the weights were trained."""
+    model = dataclasses.asdict(_without_pretrained(model_cfg))
+    return next((r.benchmark for r in runs
+                 if r.benchmark and r.benchmark.get("model", {}) | {"pretrained": "none"} == model), None)
+
+
 def complexity_for(group: list[Run], all_runs: list[Run], cache: dict, problems: list[str]) -> dict | None:
     """Params/FLOPs/latency for a row: a benchmark.json of a run with the same model, else params and
     FLOPs computed from the model config at the thesis size (latency then stays empty)."""
-    model = dataclasses.asdict(_without_pretrained(group[0].cfg.model))
-    for run in group + all_runs:
-        if run.benchmark and run.benchmark.get("model", {}) | {"pretrained": "none"} == model:
-            return run.benchmark
-    key = json.dumps(model, sort_keys=True)
+    found = benchmark_json_for(group[0].cfg.model, group + all_runs)
+    if found is not None:
+        return found
+    key = json.dumps(dataclasses.asdict(_without_pretrained(group[0].cfg.model)), sort_keys=True)
     if key not in cache:
         try:
             cache[key] = complexity_from_config(group[0].cfg.model, source=str(group[0].path / "metrics.json"))
@@ -656,9 +672,7 @@ def plot_miou_fps(runs: list[Run], path: str | Path, metric: str = "final", prob
     devices = set()
     for group in group_runs(runs):
         cfg = group[0].cfg
-        bench = next((r.benchmark for r in group + runs if r.benchmark
-                      and r.benchmark.get("model", {}) | {"pretrained": "none"}
-                      == dataclasses.asdict(_without_pretrained(cfg.model))), None)
+        bench = benchmark_json_for(cfg.model, group + runs)
         eager = (bench or {}).get("latency", {}).get("eager")
         if not eager:
             problems.append(f"{group[0].path}: not plotted, no benchmark.json for model {model_label(cfg.model)}")
