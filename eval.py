@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from datasets.labels import CLASS_NAMES, IGNORE_INDEX, train_ids_to_label_ids
 from datasets.labels import colorize as colorize_hwc
 
 PREDICTION_FORMATS = ("labelids", "trainids", "color", "overlay")
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -185,7 +187,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-predictions", metavar="DIR", help="write one PNG per validation image")
     parser.add_argument("--format", default="labelids", choices=PREDICTION_FORMATS,
                         help="labelids (for cityscapesscripts), trainids, color or overlay")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # `--checkpoint A B section.key=value` : argparse hands the trailing overrides to --checkpoint; take them back
+    overrides = [c for c in args.checkpoint if OVERRIDE.match(c)]
+    args.checkpoint = [c for c in args.checkpoint if not OVERRIDE.match(c)]
+    args.overrides = overrides + args.overrides
+    if not args.checkpoint:
+        parser.error("--checkpoint: expected at least one checkpoint path")
+    return args
 
 
 def main(argv=None) -> int:
@@ -200,7 +209,7 @@ def main(argv=None) -> int:
         val_set = build_dataset(cfg.data.val, cfg, "val")
         loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, num_workers=cfg.train.workers,
                             sampler=runtime.ShardSampler(len(val_set), dist.rank, dist.world_size),
-                            pin_memory=dist.device.type == "cuda", worker_init_fn=runtime.seed_worker)
+                            pin_memory=dist.device.type == "cuda", worker_init_fn=runtime.init_worker)
         amp_dtype = runtime.autocast_dtype(cfg.train.amp, dist.device)
         groups = [[c] for c in args.checkpoint] if args.each else [args.checkpoint]
         on_batch = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick the fastest kernels once
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: derive NumPy's and Python's seeds from the worker's torch seed."""
+def init_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: seed NumPy and Python from the worker's torch seed; leave Ctrl-C to the
+    main process (which stops at an iteration boundary and shuts the workers down itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2**32  # the loader sets it from its own generator and the worker id
     np.random.seed(worker_seed)
     random.seed(worker_seed)

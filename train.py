@@ -109,7 +109,7 @@ def endless_batches(dataset, batch_size: int, seed: int, dist: runtime.Distribut
             dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, skip=step * batch_size)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-                            pin_memory=dist.device.type == "cuda", worker_init_fn=runtime.seed_worker,
+                            pin_memory=dist.device.type == "cuda", worker_init_fn=runtime.init_worker,
                             generator=torch.Generator().manual_seed(runtime.epoch_seed(seed, epoch)))
         yield from loader
         epoch, step = epoch + 1, 0
@@ -119,7 +119,7 @@ def val_loader(dataset, cfg: Config, dist: runtime.Distributed) -> DataLoader:
     # A fixed generator: creating the loader's iterator must not draw from the global RNG (resume exactness).
     return DataLoader(dataset, batch_size=cfg.eval.batch_size, sampler=runtime.ShardSampler(len(dataset), dist.rank,
                       dist.world_size), num_workers=cfg.train.workers, pin_memory=dist.device.type == "cuda",
-                      worker_init_fn=runtime.seed_worker, generator=torch.Generator().manual_seed(cfg.seed))
+                      worker_init_fn=runtime.init_worker, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
