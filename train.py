@@ -18,6 +18,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -166,6 +167,8 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be installed from the main thread
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -214,6 +217,8 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None)
     # resume
     start_iter, best, wall_before = 0, {"mIoU": -1.0, "iteration": 0, "IoU": {}}, 0.0
     checkpoint_path = find_resume_checkpoint(resume, work_dir, cfg) if resume else None
+    if resume == "auto" and checkpoint_path is None and dist.is_main:
+        print(f"--resume auto: no run of {cfg.name} in {work_dir} to resume; starting a new one", flush=True)
     if checkpoint_path is not None:
         state = runtime.load_checkpoint(checkpoint_path, map_location=device)
         model.load_state_dict(state["model"])
@@ -244,6 +249,12 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None)
         writer = SummaryWriter(str(run_dir), purge_step=start_iter)
         print(f"run folder: {run_dir}  ({'resumed at iteration %d' % start_iter if start_iter else 'new run'}, "
               f"{max_iters} iterations, {dist.world_size} process(es), device {device})", flush=True)
+
+    def save_best(iteration: int) -> None:
+        """best.pt: the weights to evaluate or deploy (a resume continues from last.pt)."""
+        if dist.is_main:
+            runtime.save_checkpoint({"iteration": iteration, "model": model.state_dict(), "best": best,
+                                     "config_name": cfg.name}, run_dir / "best.pt")
 
     def checkpoint(path: Path, iteration: int) -> None:
         """Save everything a resume needs; every rank contributes its RNG state, rank 0 writes."""
@@ -338,10 +349,10 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None)
                 loss_sums, logged_since = {}, 0
             if (t.eval_interval and iteration % t.eval_interval == 0) or at_end:
                 metrics = validate(iteration)
-                if metrics["mIoU"] > best["mIoU"]:
+                if metrics["mIoU"] is not None and metrics["mIoU"] > best["mIoU"]:
                     best = {"mIoU": metrics["mIoU"], "iteration": iteration, "IoU": metrics["IoU"]}
                     check_finite(iteration, weights=True)
-                    checkpoint(run_dir / "best.pt", iteration)
+                    save_best(iteration)
                 if dist.is_main:
                     progress.write(f"iteration {iteration}: val mIoU {metrics['mIoU']:.2f} (best {best['mIoU']:.2f})")
             if iteration % t.checkpoint_interval == 0 or at_end or stop_now:

@@ -86,7 +86,8 @@ def test_bisenet_run_folder_and_metrics(synthetic_root, tmp_path):
 def test_deeplabv2_one_iteration(synthetic_root, tmp_path):
     cfg = load_config(REPO / "configs" / "synthetic" / "gta5_bisenet.yaml", tiny_overrides(
         synthetic_root, **{"model.name": "deeplabv2", "model.backbone": "resnet101", "model.freeze_bn": "true",
-                           "train.iters": 1, "train.lr": 2.5e-4, "train.head_lr_mult": 10}))
+                           "train.iters": 1, "train.lr": 2.5e-4, "train.head_lr_mult": 10,
+                           "data.source.size": "[64,32]", "data.val.size": "[64,32]"}))
     run_dir = train(cfg, work_dir=tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == "deeplabv2" and metrics["iterations"] == 1
