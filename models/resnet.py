@@ -9,15 +9,12 @@ of the caffe-converted DeepLab ResNet files.
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
-
-log = logging.getLogger(__name__)
 
 # name -> (torchvision builder, its ImageNet weights, channels of layer3 (16x) and layer4 (32x) features)
 RESNETS = {
@@ -93,7 +90,7 @@ def load_backbone_weights(net: nn.Module, pretrained: str, name: str, caffe_setu
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise ValueError(f"model.pretrained = {source}: {len(keys)} {problem} backbone tensors for {name}: {shown}")
     net.load_state_dict(state, strict=False)  # strict checks done above, with a clearer message
-    log.info("loaded %d backbone tensors from %s", len(state), source)
+    print(f"model.pretrained: loaded {len(state)} backbone tensors from {source}", flush=True)
     return len(state)
 
 

@@ -130,13 +130,14 @@ def test_freeze_bn_default_follows_the_recipe(bisenet18, deeplab_aux):
 
 
 # ------------------------------------------------------------------------------------ pretrained weights
-def test_torchvision_state_dict_round_trip(tmp_path):
+def test_torchvision_state_dict_round_trip(tmp_path, capsys):
     torch.manual_seed(1)
     reference = resnet18().state_dict()  # includes fc, which the backbone skips
     path = tmp_path / "resnet18.pth"
     torch.save(reference, path)
     backbone = build_model({"name": "bisenet", "pretrained": str(path)}).backbone.state_dict()
     assert len(backbone) == len(reference) - 2
+    assert f"loaded {len(backbone)} backbone tensors from {path}" in capsys.readouterr().out
     for key, value in backbone.items():
         assert torch.equal(value, reference[key]), key
 
