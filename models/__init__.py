@@ -48,6 +48,9 @@ def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
                         f"got {type(cfg).__name__}")
     if cfg.num_classes < 1:
         raise ValueError(f"model.num_classes = {cfg.num_classes}: expected a positive number of classes")
+    if cfg.pretrained == "imagenet" and (cfg.resnet_variant, cfg.input_norm) != ("v1.5", "imagenet"):
+        raise ValueError("model.pretrained = imagenet loads torchvision weights, which need "
+                         "model.resnet_variant: v1.5 and model.input_norm: imagenet")
     model = MODELS[cfg.name](cfg)
     backbone_name = "resnet101" if cfg.name == "deeplabv2" else cfg.backbone
     caffe_setup = cfg.resnet_variant == "v1" and cfg.input_norm == "caffe"

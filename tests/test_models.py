@@ -205,6 +205,8 @@ def test_bad_model_config_names_the_key():
         build_model({"name": "bisenet", "backbnoe": "resnet18"})
     with pytest.raises(ValueError, match="aux_head"):
         build_model({"name": "bisenet", "aux_head": True})
+    with pytest.raises(ValueError, match="resnet_variant: v1.5 and model.input_norm: imagenet"):
+        build_model({"name": "deeplabv2", "pretrained": "imagenet", "input_norm": "caffe"})
     with pytest.raises(ValueError, match="aspp_dilations"):
         build_model({"name": "deeplabv2", "aspp_dilations": []})
 
