@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import argparse
 import copy
+import json
 import math
 import random
 import sys
@@ -195,9 +196,14 @@ class FDA(Strategy):
         if not 0.0 <= cfg.adapt.beta < 0.5:
             raise ValueError(f"adapt.beta = {cfg.adapt.beta}: expected 0 <= beta < 0.5 (FDA uses 0.01, 0.05, 0.09)")
         self.self_supervised = cfg.data.target.pseudo_labels is not None
+        crop, src = cfg.adapt.crop, cfg.data.source.size
+        if crop is not None and (len(crop) != 2 or crop[0] > src[0] or crop[1] > src[1]):
+            raise ValueError(f"adapt.crop = {crop}: expected [width, height] no larger than data.source.size {src}")
 
     def training_step(self, model, source, target, ctx):
         a, aux_weight = self.cfg.adapt, self.cfg.model.aux_weight
+        if a.crop is not None:  # FDA's loader: a random crop of the resized GTA5 image, the target size
+            source = _random_crop(source, a.crop, _step_random(self.cfg, ctx))
         styled = fda_source_to_target(source["image"], target["image"], a.beta)
         with ctx.autocast():
             loss_seg = segmentation_loss(model(styled), source["label"], aux_weight)
@@ -355,11 +361,10 @@ class DACS(Strategy):
     def training_step(self, model, source, target, ctx):
         a, cfg = self.cfg.adapt, self.cfg
         # Randomness from (seed, iteration) alone: the same mixes after a resume, whatever the RNG state.
-        step_seed = cfg.seed * 1_000_003 + ctx.iteration
         gen = torch.Generator(device=source["image"].device)
-        gen.manual_seed(step_seed)
-        if a.crop is not None:
-            offsets = random.Random(step_seed)  # host-side ints: cropping needs no device sync
+        gen.manual_seed(_step_seed(cfg, ctx))
+        if a.crop is not None:  # DACS's loader: random crops of both domains, mixed pixel for pixel
+            offsets = _step_random(cfg, ctx)
             source, target = _random_crop(source, a.crop, offsets), _random_crop(target, a.crop, offsets)
 
         with ctx.autocast():
@@ -392,6 +397,15 @@ class DACS(Strategy):
             self._param_pairs = (list(self.teacher.parameters()), list(student.parameters()))
         alpha = min(1.0 - 1.0 / (ctx.iteration + 1), self.cfg.adapt.ema_alpha)
         ema_update(*self._param_pairs, alpha)
+
+
+def _step_seed(cfg: Config, ctx) -> int:
+    """A strategy's randomness is a function of (seed, iteration) alone: identical after a resume."""
+    return cfg.seed * 1_000_003 + ctx.iteration
+
+
+def _step_random(cfg: Config, ctx) -> random.Random:
+    return random.Random(_step_seed(cfg, ctx))  # host-side draws (crop offsets) need no device sync
 
 
 def _random_crop(batch: dict, crop: list[int], rng: random.Random) -> dict:
@@ -514,6 +528,106 @@ def write_pseudo_labels(cfg: Config, checkpoints: list[str], out: str | Path, bi
     return out
 
 
+# ------------------------------------------------------------------------------ synthetic benchmark
+SYNTHETIC = Path(__file__).resolve().parent / "configs" / "synthetic"
+# Runs of one seed in the order they train: the two references, one of each method, then the variants.
+BENCHMARK_CONFIGS = ("gta5_bisenet", "oracle_bisenet", "gta5_bisenet_adv", "gta5_bisenet_fda_b0.09",
+                     "gta5_bisenet_dacs", "gta5_bisenet_adv_multi", "gta5_bisenet_fda_b0.01", "gta5_bisenet_fda_b0.05")
+TABLE_ROWS = ("gta5_bisenet", "oracle_bisenet", "gta5_bisenet_adv", "gta5_bisenet_adv_multi", "gta5_bisenet_fda_b0.01",
+              "gta5_bisenet_fda_b0.05", "gta5_bisenet_fda_b0.09", "FDA multi-band (mean softmax of the 3 betas)",
+              "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs")
+FDA_BANDS = ("gta5_bisenet_fda_b0.01", "gta5_bisenet_fda_b0.05", "gta5_bisenet_fda_b0.09")
+MBT = TABLE_ROWS[7]
+
+
+def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: bool, table: Path | None) -> str:
+    """Every synthetic method against source-only and the oracle, one seed after another (all rows of seed 0
+    first, so a partial benchmark is already a comparison). Finished runs (metrics.json) are reused, so the
+    command resumes where it stopped. Returns the markdown table, also written to work_dir/table.md."""
+    from torch.utils.data import DataLoader
+
+    import runtime
+    from datasets import build_dataset
+    from eval import evaluate, load_models, metrics_from_confusion
+    from train import train
+
+    results = _finished_runs(work_dir)
+    for seed in seeds:
+        extra = [f"seed={seed}", *overrides]
+        for name in BENCHMARK_CONFIGS:
+            if (name, seed) not in results:
+                run_dir = train(load_config(SYNTHETIC / f"{name}.yaml", extra), work_dir=work_dir)
+                results[name, seed] = _read_metrics(run_dir)
+            _write_table(work_dir, results, table)
+        checkpoints = [str(results[name, seed]["run_dir"] / "last.pt") for name in FDA_BANDS]
+        if (MBT, seed) not in results:  # multi-band transfer: score the three FDA models' mean softmax
+            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_b0.09.yaml", extra)
+            device = runtime.init_distributed().device
+            loader = DataLoader(build_dataset(cfg.data.val, cfg, "val"), batch_size=cfg.eval.batch_size)
+            confusion = evaluate(load_models(cfg, checkpoints, device), loader, device, cfg.model.num_classes)
+            metrics = {"final": metrics_from_confusion(confusion), "seed": seed, "wall_time_s": 0.0}
+            mbt_dir = work_dir / "fda_mbt" / f"seed{seed}"
+            mbt_dir.mkdir(parents=True, exist_ok=True)
+            (mbt_dir / "metrics.json").write_text(json.dumps({**metrics, "config_name": MBT}, indent=2))
+            results[MBT, seed] = {**metrics, "run_dir": mbt_dir}
+        if ssl and ("gta5_bisenet_fda_ssl", seed) not in results:  # FDA's self-supervised round on MBT labels
+            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml", extra)
+            labels = write_pseudo_labels(cfg, checkpoints, work_dir / "pseudo_labels" / f"seed{seed}")
+            run_dir = train(load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml",
+                                        [*extra, f"data.target.pseudo_labels={labels}"]), work_dir=work_dir)
+            results["gta5_bisenet_fda_ssl", seed] = _read_metrics(run_dir)
+        _write_table(work_dir, results, table)
+    return (work_dir / "table.md").read_text()
+
+
+def _read_metrics(run_dir: Path) -> dict:
+    return {**json.loads((Path(run_dir) / "metrics.json").read_text()), "run_dir": Path(run_dir)}
+
+
+def _finished_runs(work_dir: Path) -> dict:
+    results = {}
+    for path in sorted(work_dir.glob("**/metrics.json")):
+        m = _read_metrics(path.parent)
+        results[m["config_name"], m["seed"]] = m
+    return results
+
+
+def _write_table(work_dir: Path, results: dict, table: Path | None) -> None:
+    """Mean ± sample std of the final mIoU over seeds per row, its gap to source-only, the seeds' values."""
+    import statistics
+
+    by_row = {row: sorted((seed, m) for (name, seed), m in results.items() if name == row) for row in TABLE_ROWS}
+    base = [m["final"]["mIoU"] for _, m in by_row["gta5_bisenet"]]
+    base_mean = statistics.mean(base) if base else None
+    lines = ["| Run | Seeds | mIoU (mean ± std) | vs source-only | per seed | train time per run (s) |",
+             "|---|---|---|---|---|---|"]
+    for row in TABLE_ROWS:
+        runs = by_row[row]
+        if not runs:
+            continue
+        vals = [m["final"]["mIoU"] for _, m in runs]
+        mean = statistics.mean(vals)
+        std = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+        gap = f"{mean - base_mean:+.1f}" if base_mean is not None and row != "gta5_bisenet" else ""
+        wall = statistics.mean(m["wall_time_s"] for _, m in runs)
+        lines.append(f"| {row} | {len(vals)} | {mean:.1f}{std} | {gap} | "
+                     f"{', '.join(f'{v:.1f}' for v in vals)} | {wall:.0f} |")
+    text = "\n".join(lines) + "\n"
+    (work_dir / "table.md").write_text(text)
+    if table is not None:
+        _replace_section(table, text)
+
+
+def _replace_section(path: Path, table_text: str) -> None:
+    """Put the table between the markers of the "## Domain adaptation" section of `path`."""
+    start, end = "<!-- adaptation-table:start -->", "<!-- adaptation-table:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{path}: no {start} ... {end} markers to put the adaptation table between")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + table_text + rest[rest.index(end):])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Adaptation tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -523,8 +637,22 @@ def main(argv=None) -> int:
     pseudo.add_argument("--checkpoint", required=True, nargs="+", help="checkpoints whose softmax is averaged")
     pseudo.add_argument("--out", required=True, help="folder for {city}/{stem}.png train-id pseudo-labels")
     pseudo.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    bench = commands.add_parser("benchmark", help="every synthetic method vs source-only and the oracle, "
+                                "several seeds; resumable")
+    bench.add_argument("--work-dir", default="runs/benchmark_adaptation", help="run folders and table.md")
+    bench.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    bench.add_argument("--ssl", action="store_true", help="also FDA's self-supervised round on MBT pseudo-labels")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
+    bench.add_argument("--table", type=Path, help="also write the table into this markdown file's "
+                       "adaptation-table markers (docs/results_synthetic.md)")
+    bench.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     args = parser.parse_args(argv)
     try:
+        if args.command == "benchmark":
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            print(run_benchmark(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.table))
+            return 0
         cfg = load_config(args.config, args.overrides)
         for path in args.checkpoint:
             if not Path(path).is_file():

@@ -122,8 +122,9 @@ class AdaptConfig:
     pseudo_weight: float = 1.0  # self-supervised round: weight of the CE on data.target.pseudo_labels
     pseudo_percentile: float = 0.66  # `adapt.py pseudo-labels`: per-class confidence percentile kept
     pseudo_cap: float = 0.9  # ... and the cap on that per-class threshold
+    # [width, height] random crop the recipe's loader takes: FDA crops the source (1024x512), DACS both (512x512)
+    crop: list[int] | None = None
     # DACS: ClassMix with an EMA teacher
-    crop: list[int] | None = None  # [width, height]: random crops of source and target before mixing (DACS 512x512)
     mix_fraction: float = 0.5  # share of a source image's classes pasted (rounded up)
     ema_alpha: float = 0.99  # teacher alpha = min(1 - 1 / (iteration + 1), ema_alpha)
     pseudo_threshold: float = 0.968  # pseudo-label weight = share of target pixels at or above it

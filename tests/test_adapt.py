@@ -209,6 +209,24 @@ def test_dacs_rejects_different_source_and_target_sizes():
         adapt.build_strategy(cfg, TinyNet())
 
 
+def test_recipe_crops_make_different_sizes_mixable():
+    cfg = from_dict({"model": {"num_classes": C}, "adapt": {"name": "dacs", "crop": [16, 16]},
+                     "data": {"source": {"size": [40, 24]}, "target": {"size": [32, 16]}}})
+    model = TinyNet()
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    strategy = adapt.build_strategy(cfg, model)  # the teacher is a copy, hook included
+    source, _ = batches(h=24, w=40)
+    _, target = batches(h=16, w=32)
+    strategy.training_step(model, source, target, FakeContext())
+    assert seen == [(2, 3, 16, 16)] * 3  # source, teacher on target, mixed: all 16x16 crops
+    crop = adapt._random_crop(source, [16, 8], __import__("random").Random(0))
+    assert crop["image"].shape == (2, 3, 8, 16) and crop["label"].shape == (2, 8, 16)
+    with pytest.raises(ValueError, match="adapt.crop"):
+        adapt.build_strategy(from_dict({"adapt": {"name": "fda", "crop": [64, 64]},
+                                        "data": {"source": {"size": [32, 16]}}}), model)
+
+
 def test_dacs_resumed_from_state_dicts_equals_uninterrupted():
     def run(steps, state=None):
         torch.manual_seed(0)
