@@ -193,6 +193,9 @@ class Canvas:
         if len(points) >= 3:
             self.draw_rgb.polygon(points, fill=colour)
 
+    def detail_box(self, x0, x1, y0, y1, z, colour) -> None:
+        self.detail(self.project([x0, x1, x1, x0], [y0, y0, y1, y1], z), colour)
+
     def ellipse(self, box, label: str, colour) -> None:
         x0, y0, x1, y1 = box
         if x1 - x0 >= 0.5 and y1 - y0 >= 0.5:
@@ -327,15 +330,15 @@ def _car(c: Canvas, rng, x, z, kind: str = "car") -> None:
         cabin = c.project([x - w / 2 + 0.05, x + w / 2 - 0.05, x + w / 2 - 0.3, x - w / 2 + 0.3],
                           [0.55 * h, 0.55 * h, h, h], z)
         c.polygon(cabin, kind, body)
-        c.box(x - w / 2 + 0.3, x + w / 2 - 0.3, 0.6 * h, 0.92 * h, z, kind, c.colour("window"))
+        c.detail_box(x - w / 2 + 0.3, x + w / 2 - 0.3, 0.6 * h, 0.92 * h, z, c.colour("window"))
         for side in (-1, 1):  # rear lights
-            c.box(x + side * (w / 2 - 0.3), x + side * (w / 2 - 0.05), 0.4 * h, 0.5 * h, z, kind, (200, 20, 20))
+            c.detail_box(x + side * (w / 2 - 0.3), x + side * (w / 2 - 0.05), 0.4 * h, 0.5 * h, z, (200, 20, 20))
     elif kind == "truck":
         c.box(x - w / 2, x + w / 2, 0.4, h, z, kind, body)
-        c.box(x - w / 2 + 0.1, x + w / 2 - 0.1, 0.45, 0.55, z, kind, c.colour("tyre"))
+        c.detail_box(x - w / 2 + 0.1, x + w / 2 - 0.1, 0.45, 0.55, z, c.colour("tyre"))  # bumper
     else:  # bus, train: a tall box with a band of windows
         c.box(x - w / 2, x + w / 2, 0.3, h, z, kind, body)
-        c.box(x - w / 2 + 0.15, x + w / 2 - 0.15, 0.55 * h, 0.85 * h, z, kind, c.colour("window"))
+        c.detail_box(x - w / 2 + 0.15, x + w / 2 - 0.15, 0.55 * h, 0.85 * h, z, c.colour("window"))
 
 
 def _person(c: Canvas, rng, x, z, label: str = "person", base: float = 0.0) -> None:
@@ -486,8 +489,11 @@ def _finish(c: Canvas, rng: np.random.Generator) -> np.ndarray:
             amp[ID[name]] = a * st.texture_strength
         tex = 0.6 * _upsampled_noise(rng, h, w, 4) + 0.4 * _upsampled_noise(rng, h, w, 16)
         field += amp[label] * tex
-    if st.shadows:
-        field *= np.asarray(c.shade, dtype=np.float32) * (1.0 / 255.0)
+    if st.shadows:  # cast on the ground only: a nearer facade or car drawn over a shadow stays lit
+        on_ground = np.zeros(256, bool)
+        on_ground[[ID["road"], ID["sidewalk"], ID["terrain"]]] = True
+        shade = np.asarray(c.shade, dtype=np.float32) * np.float32(1.0 / 255.0)
+        field *= np.where(on_ground[label], shade, np.float32(1.0))
     # haze: far things fade into the sky colour, most at the horizon row
     rows = np.arange(h, dtype=np.float32)
     fade = (rng.uniform(*st.haze) * np.exp(-np.abs(rows - c.horizon) / (0.12 * h)))[:, None, None]
