@@ -628,6 +628,27 @@ def _replace_section(path: Path, table_text: str) -> None:
     path.write_text(head + start + "\n" + table_text + rest[rest.index(end):])
 
 
+def step_cost(configs: list[str], overrides: list[str], rounds: int, steps: int) -> str:
+    """Training-step time of each config as a ratio to the first (source-only), timed in interleaved rounds on
+    random batches with benchmark.py's step timer, so that a changing machine load hits every config alike."""
+    import statistics
+
+    from benchmark import benchmark_train_step
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    times = {c: [] for c in configs}
+    for _ in range(rounds):
+        for config in configs:
+            cfg = load_config(config, overrides)
+            times[config].append(benchmark_train_step(cfg, device, steps, 1, source=config)["step_s"])
+    base = statistics.median(times[configs[0]])
+    lines = ["| Config | step (s, median) | ratio to " + Path(configs[0]).stem + " |", "|---|---|---|"]
+    for config in configs:
+        step = statistics.median(times[config])
+        lines.append(f"| {Path(config).stem} | {step:.3f} | {step / base:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Adaptation tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -646,12 +667,21 @@ def main(argv=None) -> int:
     bench.add_argument("--table", type=Path, help="also write the table into this markdown file's "
                        "adaptation-table markers (docs/results_synthetic.md)")
     bench.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
+    cost = commands.add_parser("step-cost", help="training-step time of configs as a ratio to the first")
+    cost.add_argument("--config", required=True, nargs="+", help="configs; the first is the reference")
+    cost.add_argument("--rounds", type=int, default=3)
+    cost.add_argument("--steps", type=int, default=2, help="timed steps per config and round (after 1 warm-up)")
+    cost.add_argument("--threads", type=int, help="torch CPU threads")
+    cost.add_argument("overrides", nargs="*", help="section.key=value overrides for every config")
     args = parser.parse_args(argv)
     try:
+        if args.command in ("benchmark", "step-cost") and args.threads:
+            torch.set_num_threads(args.threads)
         if args.command == "benchmark":
-            if args.threads:
-                torch.set_num_threads(args.threads)
             print(run_benchmark(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.table))
+            return 0
+        if args.command == "step-cost":
+            print(step_cost(args.config, args.overrides, args.rounds, args.steps))
             return 0
         cfg = load_config(args.config, args.overrides)
         for path in args.checkpoint:
