@@ -18,6 +18,8 @@ blur, sensor noise, a visible ego-vehicle bonnet, and other layout statistics (c
 length, horizon, object counts). Labels are Cityscapes label ids taken from `cityscapesscripts`.
 
 Every image is a pure function of (seed, domain, index): it draws from its own `numpy.random.Generator`.
+`render_scene` draws one in memory, `generate` writes a tree, and `ensure_generated` (what the data loaders
+call for `name: synthetic`) writes it once, atomically, the first time a root is used.
 """
 from __future__ import annotations
 
@@ -312,7 +314,8 @@ def _fence(c: Canvas, rng, x, z0, z1, height, lit) -> None:
 
 
 # ------------------------------------------------------------------------------------------ objects
-def _car(c: Canvas, rng, x, z, kind: str = "car") -> None:
+def _vehicle(c: Canvas, rng, x, z, kind: str) -> None:
+    """A car, truck, bus or train seen from behind."""
     if kind == "car":
         w, h = rng.uniform(1.7, 1.95), rng.uniform(1.35, 1.6)
         paint = np.asarray(c.style.car_paints[rng.integers(len(c.style.car_paints))], np.float32)
@@ -435,7 +438,7 @@ def _draw_objects(c: Canvas, rng: np.random.Generator, street: dict) -> None:
             x = lanes[rng.integers(len(lanes))] + rng.normal(0, 0.2) if kind != "train" else street["centre"]
             if kind == "car" and rng.random() < 0.35:  # parked at the kerb
                 x = (left + 1.0) if rng.random() < 0.5 else (right - 1.0)
-            items.append((z, lambda x=x, z=z, kind=kind: _car(c, rng, x, z, kind)))
+            items.append((z, lambda x=x, z=z, kind=kind: _vehicle(c, rng, x, z, kind)))
     for _ in range(counts["person"]):
         side, z = rng.choice((-1, 1)), rng.uniform(z_min, 45)
         items.append((z, lambda x=on_walk(side), z=z: _person(c, rng, x, z)))
@@ -538,13 +541,14 @@ def cityscapes_stem(split: str, index: int) -> tuple[str, str]:
     return city, f"{city}_{index:06d}_{FRAME:06d}"
 
 
-def validate(cfg: SyntheticConfig, source: str = "data.synthetic") -> None:
-    """Reject sizes and counts the generator cannot draw, naming the key."""
+def validate(cfg: SyntheticConfig, cli: bool = False) -> None:
+    """Reject sizes and counts the generator cannot draw, naming the config key (or the CLI flag)."""
     minimum = {"num_source": 1, "num_target": 1, "num_val": 1, "height": 32, "width": 64, "seed": 0}
     for key, lo in minimum.items():
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-            raise ConfigError(f"{source}: `{key}` = {value!r}, expected an int >= {lo}")
+            name = "--" + key.replace("_", "-") if cli else f"data.synthetic.{key}"
+            raise ConfigError(f"{name} = {value!r}: expected an int >= {lo}")
 
 
 def generate(out: str | Path, cfg: SyntheticConfig, progress: bool = False) -> Path:
@@ -599,8 +603,9 @@ def ensure_generated(root: str | Path, cfg: SyntheticConfig) -> Path:
         with open(root.parent / f".{root.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or if this process dies
             if not root.exists():
+                for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by a killed generator
+                    shutil.rmtree(stale, ignore_errors=True)
                 tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
                 print(f"generating synthetic domains in {root} ...", file=sys.stderr)
                 generate(tmp, cfg, progress=True)
                 os.rename(tmp, root)
@@ -633,10 +638,10 @@ def main(argv: list[str] | None = None) -> None:
                           num_val=args.num_val if args.num_val is not None else max(1, args.num_target // 4),
                           height=args.height, width=args.width, seed=args.seed)
     try:
-        out = generate(args.out, cfg, progress=True)
+        validate(cfg, cli=True)
     except ConfigError as exc:
-        parser.error(str(exc).replace("data.synthetic: ", ""))
-    print(out)
+        parser.error(str(exc))
+    print(generate(args.out, cfg, progress=True))
 
 
 if __name__ == "__main__":
