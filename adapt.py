@@ -99,7 +99,8 @@ class Adversarial(Strategy):
             out_s = model(source["image"])
             loss_seg = segmentation_loss(out_s, source["label"], cfg.model.aux_weight)
         ctx.backward(loss_seg)
-        probs_s = {k: v.detach() for k, v in self._softmaxes(out_s, source["image"].shape[-2:]).items()}
+        with torch.no_grad(), ctx.autocast():  # what the discriminators see of the source: no graph needed
+            probs_s = self._softmaxes(out_s, source["image"].shape[-2:])
         del out_s
 
         # Generator: fool the discriminators on the target. They are frozen so this loss reaches the model only.
