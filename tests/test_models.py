@@ -36,25 +36,21 @@ def images(batch=2, size=ODD_SIZE, dtype=torch.uint8):
 
 
 # -------------------------------------------------------------------------------------- output contract
-# every stride-2 layer rounds up; the caffe (v1) max-pool is ceil-mode and rounds up one more where H/2 is even
-STRIDE8 = {"v1.5": {ODD_SIZE: (5, 6), (32, 64): (4, 8)}, "v1": {ODD_SIZE: (5, 7), (32, 64): (5, 9)}}
-
-
-@pytest.mark.parametrize("cfg, aux_names", [
-    ({"name": "bisenet", "backbone": "resnet18"}, ["context16", "context32"]),
-    ({"name": "bisenet", "backbone": "resnet101"}, ["context16", "context32"]),
+# Main logits at 1/8: every stride-2 layer rounds up, and the caffe (v1) max-pool is ceil-mode, which rounds
+# up once more where its input side is even. (32, 64) covers sides that divide by 32 on the cheap models.
+@pytest.mark.parametrize("cfg, aux_names, stride8", [
+    ({"name": "bisenet", "backbone": "resnet18"}, ["context16", "context32"], {ODD_SIZE: (5, 6), (32, 64): (4, 8)}),
+    ({"name": "bisenet", "backbone": "resnet101"}, ["context16", "context32"], {ODD_SIZE: (5, 6)}),
     ({"name": "deeplabv2", "aux_head": True, "aspp_dilations": [6, 12], "resnet_variant": "v1",
-      "input_norm": "caffe"}, ["layer3"]),
+      "input_norm": "caffe"}, ["layer3"], {ODD_SIZE: (5, 7), (32, 64): (5, 9)}),
 ])
 @torch.no_grad()
-def test_output_contract(cfg, aux_names):
+def test_output_contract(cfg, aux_names, stride8):
     model = build_model(cfg).train()
-    for size, stride8 in STRIDE8[cfg.get("resnet_variant", "v1.5")].items():
+    for size, logits_size in stride8.items():
         out = model(images(size=size))
         assert isinstance(out, SegOutput) and list(out.aux) == aux_names
-        assert out.logits.shape == (2, 19, *stride8)
-        for aux_logits in out.aux.values():
-            assert aux_logits.shape[:2] == (2, 19)
+        assert out.logits.shape == (2, 19, *logits_size)
     model.eval()
     for dtype in (torch.uint8, torch.float32):
         logits = model(images(batch=1, dtype=dtype))
@@ -100,6 +96,9 @@ def test_deeplab_backbone_is_dilated_like_deeplab(deeplab_aux):
     assert [block.conv2.dilation for block in (backbone.layer3[0], backbone.layer3[1], backbone.layer4[0])] == [
         (2, 2), (2, 2), (4, 4)]
     assert backbone.layer2[0].conv1.stride == (1, 1) and backbone.layer2[0].conv2.stride == (2, 2)
+    with torch.no_grad():
+        out = deeplab_aux.train()(images())
+    assert out.logits.shape == out.aux["layer3"].shape == (2, 19, 5, 6)  # output stride 8 for both heads
 
 
 # ------------------------------------------------------------------------------------------- frozen BN
