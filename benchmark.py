@@ -223,6 +223,7 @@ def benchmark_model(cfg: Config, size: tuple[int, int], device: torch.device, it
     flops = count_flops(model, torch.zeros(1, 3, *size, device=device))  # the course counts a zero image
     if compile_deploy:
         deployed = torch.compile(deployed)
+        warmup = max(warmup, 1)  # compilation happens in the first call; never time it
     latency = measure_latency(model, deployed, size, device, iters, warmup, amp)
     return {"config": source, "config_name": cfg.name, "model_label": model_label(cfg.model),
             "model": dataclasses.asdict(cfg.model), "size": list(size), **environment(device), "params": params, "flops": flops, "latency": latency,
@@ -267,9 +268,11 @@ def benchmark_train_step(cfg: Config, device: torch.device, iters: int, warmup: 
     import train
     from adapt import build_strategy
 
-    if size is not None:  # the strategy reads the sizes too (DACS checks that source and target agree)
+    if size is not None:  # strategies read the sizes too (DACS checks that source and target agree)
         cfg = copy.deepcopy(cfg)
         cfg.data.source.size = cfg.data.target.size = [size[1], size[0]]
+        if cfg.adapt.crop is not None:  # a recipe's crop cannot be larger than the images
+            cfg.adapt.crop = [min(cfg.adapt.crop[0], size[1]), min(cfg.adapt.crop[1], size[0])]
     t = cfg.train
     runtime.seed_everything(cfg.seed, t.deterministic)  # as train.py does (it also sets cuDNN autotuning)
     batch = batch_size or t.batch_size
@@ -801,13 +804,13 @@ def _main_config(args) -> int:
         raise BenchmarkError("--device cuda: no CUDA device is available")
     if args.amp and device.type != "cuda":
         raise BenchmarkError(f"--amp {args.amp}: autocast is a CUDA option; use --device cuda")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     size = parse_size(args.size) if args.size else None
     for name in ("iters", "warmup", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             raise BenchmarkError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.train_step:
         iters = args.iters or (10 if device.type == "cuda" else 3)
         warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
