@@ -210,7 +210,6 @@ def main(argv=None) -> int:
         loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, num_workers=cfg.train.workers,
                             sampler=runtime.ShardSampler(len(val_set), dist.rank, dist.world_size),
                             pin_memory=dist.device.type == "cuda", worker_init_fn=runtime.init_worker)
-        amp_dtype = runtime.autocast_dtype(cfg.train.amp, dist.device)
         groups = [[c] for c in args.checkpoint] if args.each else [args.checkpoint]
         on_batch = None
         if args.save_predictions:
@@ -224,7 +223,7 @@ def main(argv=None) -> int:
         columns = {}
         for group in groups:
             models = load_models(cfg, group, dist.device)
-            confusion = evaluate(models, loader, dist.device, cfg.model.num_classes, amp_dtype, on_batch)
+            confusion = evaluate(models, loader, dist.device, cfg.model.num_classes, on_batch=on_batch)
             name = run_name(group[0]) if len(group) == 1 else f"ensemble of {len(group)}"
             columns[name] = metrics_from_confusion(confusion)
         if dist.is_main:

@@ -288,7 +288,7 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None)
                 vis.append((batch["image"][i], batch["label"][i], pred[i]))
 
         model.eval()
-        confusion = evaluate([model], val_batches, device, cfg.model.num_classes, amp_dtype,
+        confusion = evaluate([model], val_batches, device, cfg.model.num_classes,  # float32: exact scores
                              on_batch=keep_for_display if dist.is_main and writer else None)
         model.train()
         metrics = metrics_from_confusion(confusion)
