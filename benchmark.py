@@ -604,7 +604,7 @@ def _class_table(key, groups, classes, metric, synthetic) -> Table:
     suffixes = _distinguish([" | ".join(n) for n in names], groups)
     for name, suffix, group in zip(names, suffixes, groups):
         results = [_metric(r, metric) for r in group]
-        table.rows.append(name[:-1] + [name[-1] + suffix, len(group), Stat.of(m["mIoU"] for m in results)]
+        table.rows.append([name[0] + suffix] + name[1:] + [len(group), Stat.of(m["mIoU"] for m in results)]
                           + [Stat.of(m["IoU"].get(c) for m in results) for c in classes])
     table.notes.append(f"IoU in %, `{metric}` metrics; mean ± sample std over seeds; — = class never present")
     return table
@@ -671,8 +671,7 @@ def plot_miou_fps(runs: list[Run], path: str | Path, metric: str = "final", prob
     import matplotlib.pyplot as plt
 
     problems = problems if problems is not None else []
-    points = {False: [], True: []}
-    devices = set()
+    drawn, labels, devices = [], [], set()
     for group in group_runs(runs):
         cfg = group[0].cfg
         bench = benchmark_json_for(cfg.model, group + runs)
@@ -685,9 +684,12 @@ def plot_miou_fps(runs: list[Run], path: str | Path, metric: str = "final", prob
         if source_domain(cfg) == "gta5":
             label += f" · {method_label(cfg)}" + (f" · {augment_label(cfg)}" if augment_label(cfg) != "none" else "")
         else:
-            label += " · Cityscapes"
-        miou = Stat.of(_metric(r, metric)["mIoU"] for r in group)
-        points[group[0].synthetic].append((eager["fps"], miou, label))
+            label += " · trained on Cityscapes"
+        drawn.append((group, eager["fps"]))
+        labels.append(label)
+    points = {False: [], True: []}
+    for (group, fps), label, suffix in zip(drawn, labels, _distinguish(labels, [g for g, _ in drawn])):
+        points[group[0].synthetic].append((fps, Stat.of(_metric(r, metric)["mIoU"] for r in group), label + suffix))
     panels = [kind for kind in (False, True) if points[kind]]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4.8), squeeze=False)
     for ax, kind in zip(axes[0], panels):

@@ -203,7 +203,7 @@ def test_rows_are_classified_from_the_config_not_the_folder(runs_dir):
     methods = sorted(r[1] for r in adaptation.rows)
     assert "FDA (β=0.05)" in methods
     adv = [r for r in adaptation.rows if r[1].startswith("Adversarial")]
-    assert len(adv) == 2 and {r[2] for r in adv} == {"none [lr=0.01]", "none [lr=0.001]"}
+    assert len(adv) == 2 and {r[0] for r in adv} == {"BiSeNet-R18 [lr=0.01]", "BiSeNet-R18 [lr=0.001]"}
     (cs,) = by_key(tables, "cityscapes").rows
     assert cs[0] == "BiSeNet-R18" and cs[2].mean == 50.0 and cs[3] == pytest.approx(20.0) and cs[4] == 50.0
     assert cs[5] == 25.59 and cs[6] == pytest.approx(12.054042) and cs[7] == "512x1024"
