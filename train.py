@@ -187,7 +187,7 @@ class StopRequest:
 def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None) -> Path:
     """Train `cfg` to the end (or to a stop request) and return the run folder."""
     dist = runtime.init_distributed()
-    runtime.seed_everything(cfg.seed + dist.rank, cfg.train.deterministic)
+    runtime.seed_everything(cfg.seed, cfg.train.deterministic)  # every rank builds the same model and strategy
     device, work_dir = dist.device, Path(work_dir)
     t = cfg.train
     if t.batch_size % dist.world_size:
@@ -213,6 +213,8 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None)
     amp_dtype = runtime.autocast_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ctx = StepContext(max_iters, device, amp_dtype, scaler, lr_factor)
+    if dist.enabled:  # ...but draws its own random numbers while training
+        runtime.seed_everything(cfg.seed + dist.rank, t.deterministic)
 
     # resume
     start_iter, best, wall_before = 0, {"mIoU": -1.0, "iteration": 0, "IoU": {}}, 0.0
