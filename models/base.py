@@ -81,9 +81,6 @@ class SegmentationModel(nn.Module):
             return SegOutput(logits, aux)
         return upsample(logits, images.shape[-2:])
 
-    def optimize_for_inference(self) -> None:
-        """Exact rewrites for the deploy form (models.deploy), run after BN folding; none by default."""
-
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: the (pretrained) backbone and the new modules (trained at a higher LR)."""
         in_backbone = {id(p) for p in self.backbone.parameters()}

@@ -86,32 +86,3 @@ class BiSeNet(SegmentationModel):
             aux = {"context16": self.aux_heads["context16"](context16),
                    "context32": self.aux_heads["context32"](context32)}
         return logits, aux
-
-    def optimize_for_inference(self, multiple: int = 32) -> None:
-        """Zero-pad the fusion module's class channels (19) to a multiple of 32, after BN folding.
-
-        oneDNN's channels_last 3x3 conv from 1024 to 19 channels at 1/8 of 512x1024 runs about 2.4x slower
-        than the same conv to 32 channels (measured on CPU, torch 2.14). Exact: a padded channel is
-        ReLU(0) = 0 after the fusion conv, stays 0 through x + x * attention, and the classifier ignores it.
-        """
-        fuse, squeeze, excite = self.ffm.fuse[0], self.ffm.attention[1], self.ffm.attention[3]
-        width = -(-fuse.out_channels // multiple) * multiple
-        if fuse.bias is None:
-            raise RuntimeError("optimize_for_inference expects the fusion conv's BN folded into it (models.deploy)")
-        self.ffm.fuse[0] = _padded(fuse, fuse.in_channels, width)
-        self.ffm.attention[1] = _padded(squeeze, width, width)
-        self.ffm.attention[3] = _padded(excite, width, width)
-        self.classifier = _padded(self.classifier, width, self.classifier.out_channels)
-
-
-def _padded(conv: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
-    """`conv` with zero weights (and bias) for extra input and output channels."""
-    wide = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                     bias=conv.bias is not None).to(conv.weight)
-    with torch.no_grad():
-        wide.weight.zero_()
-        wide.weight[:conv.out_channels, :conv.in_channels] = conv.weight
-        if conv.bias is not None:
-            wide.bias.zero_()
-            wide.bias[:conv.out_channels] = conv.bias
-    return wide

@@ -1,5 +1,4 @@
-"""The inference form of a segmentation model: eval-only, no auxiliary heads, BN folded, channels_last,
-plus the model's own exact rewrites (`optimize_for_inference`, e.g. BiSeNet's padded fusion channels).
+"""The inference form of a segmentation model: eval-only, no auxiliary heads, BN folded, channels_last.
 
     fast = deploy(model)          # a copy; `model` is untouched
     logits = fast(images)         # = model.eval()(images) within 1e-4, in inference mode
@@ -48,7 +47,6 @@ def deploy(model: SegmentationModel) -> DeployedModel:
     left = [name for name, m in folded.named_modules() if isinstance(m, _BN)]
     if left:
         raise RuntimeError(f"deploy: BN layers without a conv before them could not be folded: {', '.join(left)}")
-    folded.optimize_for_inference()
     for p in folded.parameters():
         p.requires_grad_(False)
     return DeployedModel(folded.to(memory_format=torch.channels_last))

@@ -229,8 +229,6 @@ def test_deploy_matches_eager_and_is_inference_only(model_fixture, request):
     assert any(isinstance(m, BN) for m in model.modules())  # the original is untouched
     assert len(fast.model.aux_heads) == 0 and len(model.aux_heads) > 0
     assert fast.model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    if model_fixture == "bisenet18":  # the fusion conv padded from 19 to 32 classes, exactly (checked above)
-        assert fast.model.ffm.fuse[0].out_channels == 32 and fast.model.classifier.out_channels == 19
     with pytest.raises(RuntimeError, match="eval-only"):
         fast.train()
 
