@@ -81,8 +81,8 @@ class Style:
     texture_strength: float
     shadows: bool
     sun: tuple[float, float]            # lit-to-shade brightness ratio of facades
-    exposure: tuple[float, float]
-    white_balance: float                # std of per-channel gain
+    exposure: tuple[float, float]       # per-image light level (time of day, weather)
+    white_balance: float                # std of per-image per-channel gain
     haze: tuple[float, float]           # blend towards the sky colour with depth
     blur: tuple[float, float]           # Gaussian radius in pixels at 512 px width
     noise: tuple[float, float]          # sensor noise std on 0-255
@@ -97,20 +97,20 @@ SOURCE = Style(
     counts={"car": 4.0, "truck": 0.6, "bus": 0.35, "train": 0.05, "person": 1.8, "rider": 0.35,
             "bicycle": 0.3, "motorcycle": 0.35, "pole": 3.0, "tree": 1.5},
     colours={
-        "sky": ((80, 150, 245), 12), "road": ((92, 88, 104), 8), "lane": ((235, 235, 235), 5),
-        "sidewalk": ((190, 150, 170), 14), "building": ((175, 110, 80), 45), "wall": ((200, 190, 120), 20),
+        "sky": ((95, 160, 240), 12), "road": ((92, 88, 104), 8), "lane": ((235, 235, 235), 5),
+        "sidewalk": ((180, 150, 160), 14), "building": ((175, 110, 80), 45), "wall": ((200, 190, 120), 20),
         "fence": ((140, 100, 60), 15), "pole": ((110, 110, 120), 12), "light": ((40, 40, 40), 8),
-        "sign": ((30, 80, 230), 40), "vegetation": ((40, 170, 40), 18), "trunk": ((100, 70, 30), 10),
-        "terrain": ((150, 200, 60), 15), "skin": ((230, 180, 140), 20), "clothes": ((200, 50, 60), 60),
+        "sign": ((30, 80, 230), 40), "vegetation": ((55, 150, 40), 18), "trunk": ((100, 70, 30), 10),
+        "terrain": ((140, 180, 70), 15), "skin": ((230, 180, 140), 20), "clothes": ((200, 50, 60), 60),
         "rider": ((240, 120, 30), 40), "window": ((60, 90, 140), 10), "tyre": ((25, 25, 25), 4),
         "bus": ((230, 200, 20), 30), "train": ((200, 40, 40), 20), "truck": ((235, 235, 230), 20),
         "bike": ((20, 120, 200), 50), "ego": ((0, 0, 0), 0), "skyline": ((120, 130, 160), 15),
     },
     car_paints=((220, 30, 30), (30, 60, 220), (240, 240, 240), (20, 20, 20), (250, 200, 0), (40, 180, 60),
                 (170, 170, 180)),
-    colour_std_image=4.0, saturation=1.35,
+    colour_std_image=10.0, saturation=1.25,
     texture={}, texture_strength=0.0, shadows=False, sun=(1.0, 1.0),
-    exposure=(1.0, 1.0), white_balance=0.0, haze=(0.0, 0.0), blur=(0.0, 0.0), noise=(0.0, 0.0),
+    exposure=(0.8, 1.15), white_balance=0.03, haze=(0.0, 0.0), blur=(0.0, 0.0), noise=(0.0, 0.0),
     contrast=(1.0, 1.0), ego_vehicle=False,
 )
 
@@ -118,24 +118,24 @@ TARGET = Style(
     focal=(0.68, 0.80), camera_height=(1.2, 1.45), horizon=(0.36, 0.46),
     road_width=(7.0, 11.0), sidewalk_width=(2.0, 4.5), building_height=(10.0, 22.0),
     block_kinds={"building": 0.50, "vegetation": 0.26, "wall": 0.07, "fence": 0.09, "open": 0.08},
-    counts={"car": 5.0, "truck": 0.3, "bus": 0.2, "train": 0.08, "person": 3.5, "rider": 0.6,
+    counts={"car": 6.0, "truck": 0.3, "bus": 0.2, "train": 0.08, "person": 3.5, "rider": 0.6,
             "bicycle": 1.0, "motorcycle": 0.2, "pole": 4.5, "tree": 3.0},
     colours={
-        "sky": ((185, 200, 215), 20), "road": ((118, 114, 112), 10), "lane": ((200, 200, 195), 10),
+        "sky": ((165, 188, 215), 20), "road": ((118, 114, 112), 10), "lane": ((200, 200, 195), 10),
         "sidewalk": ((150, 140, 135), 15), "building": ((140, 130, 120), 35), "wall": ((160, 155, 145), 20),
         "fence": ((120, 115, 105), 20), "pole": ((95, 95, 90), 15), "light": ((50, 55, 50), 10),
-        "sign": ((70, 90, 160), 50), "vegetation": ((80, 100, 55), 15), "trunk": ((70, 60, 45), 10),
-        "terrain": ((120, 130, 80), 15), "skin": ((200, 160, 130), 25), "clothes": ((70, 70, 80), 40),
+        "sign": ((70, 90, 160), 50), "vegetation": ((75, 110, 50), 15), "trunk": ((70, 60, 45), 10),
+        "terrain": ((125, 140, 80), 15), "skin": ((200, 160, 130), 25), "clothes": ((70, 70, 80), 40),
         "rider": ((80, 80, 90), 35), "window": ((50, 60, 65), 10), "tyre": ((30, 30, 30), 4),
         "bus": ((200, 200, 190), 40), "train": ((210, 210, 200), 20), "truck": ((190, 190, 185), 30),
         "bike": ((60, 60, 65), 25), "ego": ((45, 48, 55), 6), "skyline": ((150, 155, 160), 15),
     },
     car_paints=((140, 140, 145), (40, 40, 45), (200, 200, 205), (70, 80, 100), (120, 30, 30), (90, 90, 80)),
-    colour_std_image=10.0, saturation=0.75,
+    colour_std_image=10.0, saturation=0.8,
     texture={"road": 1.0, "sidewalk": 1.2, "building": 1.3, "wall": 1.0, "fence": 1.0, "vegetation": 2.2,
              "terrain": 1.8, "sky": 0.25, "car": 0.4, "truck": 0.5, "bus": 0.5, "person": 0.8, "rider": 0.8},
-    texture_strength=0.11, shadows=True, sun=(0.65, 0.9),
-    exposure=(0.8, 1.15), white_balance=0.05, haze=(0.05, 0.30), blur=(0.5, 1.1), noise=(1.5, 4.0),
+    texture_strength=0.09, shadows=True, sun=(0.65, 0.9),
+    exposure=(0.8, 1.15), white_balance=0.04, haze=(0.05, 0.30), blur=(0.5, 1.1), noise=(1.5, 4.0),
     contrast=(0.75, 0.95), ego_vehicle=True,
 )
 
@@ -162,8 +162,9 @@ class Canvas:
         self.draw_label = ImageDraw.Draw(self.label)
         self.draw_rgb = ImageDraw.Draw(self.rgb)
         self.draw_shade = ImageDraw.Draw(self.shade)
-        # Each part's colour for this image: the domain's mean, shifted once per image.
-        self.base = {part: np.asarray(mean, np.float32) + rng.normal(0, style.colour_std_image, 3)
+        # Each part's colour in this image: the domain's mean, shifted once per image, in this image's light.
+        self.light = rng.uniform(*style.exposure) * (1.0 + rng.normal(0, style.white_balance, 3))
+        self.base = {part: (np.asarray(mean, np.float32) + rng.normal(0, style.colour_std_image, 3)) * self.light
                      for part, (mean, _) in style.colours.items()}
         self.sun_left = rng.random() < 0.5  # which facades face the sun
 
@@ -319,7 +320,7 @@ def _vehicle(c: Canvas, rng, x, z, kind: str) -> None:
     if kind == "car":
         w, h = rng.uniform(1.7, 1.95), rng.uniform(1.35, 1.6)
         paint = np.asarray(c.style.car_paints[rng.integers(len(c.style.car_paints))], np.float32)
-        body = tuple(int(v) for v in np.clip(paint + rng.normal(0, 12, 3), 0, 255))
+        body = tuple(int(v) for v in np.clip((paint + rng.normal(0, 12, 3)) * c.light, 0, 255))
     else:
         w, h = (rng.uniform(2.3, 2.6), rng.uniform(2.8, 3.6)) if kind != "train" else (2.7, 3.8)
         body = c.colour(kind)
@@ -388,11 +389,11 @@ def _two_wheeler(c: Canvas, rng, x, z, kind: str, rider: bool) -> None:
 
 def _pole(c: Canvas, rng, x, z, side: int) -> None:
     h = rng.uniform(3.0, 8.0)
-    w = rng.uniform(0.12, 0.25)
+    w = rng.uniform(0.2, 0.35)
     c.box(x - w / 2, x + w / 2, 0, h, z, "pole", c.colour("pole"))
     what = rng.random()
     if what < 0.4:  # traffic sign on the pole
-        s = rng.uniform(0.5, 0.9)
+        s = rng.uniform(0.7, 1.1)
         y = min(h, rng.uniform(2.0, 3.0)) - 0.1
         colour = c.colour("sign")
         if rng.random() < 0.5:
@@ -406,9 +407,9 @@ def _pole(c: Canvas, rng, x, z, side: int) -> None:
         lx = x - side * arm
         if arm:
             c.box(min(x, lx), max(x, lx), y - 0.12, y, z, "pole", c.colour("pole"))
-        c.box(lx - 0.18, lx + 0.18, y - 1.0, y, z - 0.05, "traffic light", c.colour("light"))
+        c.box(lx - 0.25, lx + 0.25, y - 1.2, y, z - 0.05, "traffic light", c.colour("light"))
         lamp = ((230, 40, 30), (240, 180, 20), (40, 220, 80))[rng.integers(3)]
-        (u0, v0), (u1, v1) = c.project([lx - 0.1, lx + 0.1], [y - 0.2, y - 0.4], z - 0.1)
+        (u0, v0), (u1, v1) = c.project([lx - 0.13, lx + 0.13], [y - 0.2, y - 0.46], z - 0.1)
         c.ellipse((u0, v0, u1, v1), "traffic light", lamp)
     elif what < 0.85:  # street lamp arm
         c.box(min(x, x - side * 1.5), max(x, x - side * 1.5), h - 0.15, h, z, "pole", c.colour("pole"))
@@ -434,22 +435,23 @@ def _draw_objects(c: Canvas, rng: np.random.Generator, street: dict) -> None:
 
     for kind in ("car", "truck", "bus", "train"):
         for _ in range(counts[kind]):
-            z = rng.uniform(z_min + 3, 70) if kind != "train" else rng.uniform(20, 60)
+            # traffic thins out with distance: most vehicles within a few dozen metres
+            z = min(z_min + 3 + rng.exponential(20), 80) if kind != "train" else rng.uniform(20, 60)
             x = lanes[rng.integers(len(lanes))] + rng.normal(0, 0.2) if kind != "train" else street["centre"]
             if kind == "car" and rng.random() < 0.35:  # parked at the kerb
                 x = (left + 1.0) if rng.random() < 0.5 else (right - 1.0)
             items.append((z, lambda x=x, z=z, kind=kind: _vehicle(c, rng, x, z, kind)))
     for _ in range(counts["person"]):
-        side, z = rng.choice((-1, 1)), rng.uniform(z_min, 45)
+        side, z = rng.choice((-1, 1)), min(z_min + rng.exponential(15), 45)
         items.append((z, lambda x=on_walk(side), z=z: _person(c, rng, x, z)))
     for kind, n, rider in (("bicycle", counts["bicycle"], False), ("bicycle", counts["rider"], True),
                            ("motorcycle", counts["motorcycle"], rng.random() < 0.6)):
         for _ in range(n):
-            side, z = rng.choice((-1, 1)), rng.uniform(z_min + 1, 40)
+            side, z = rng.choice((-1, 1)), min(z_min + 1 + rng.exponential(12), 40)
             x = (left + 1.2 if side < 0 else right - 1.2) if rider else on_walk(side)
             items.append((z, lambda x=x, z=z, kind=kind, rider=rider: _two_wheeler(c, rng, x, z, kind, rider)))
     for _ in range(counts["pole"]):
-        side, z = rng.choice((-1, 1)), rng.uniform(z_min, 60)
+        side, z = rng.choice((-1, 1)), min(z_min + rng.exponential(20), 60)
         x = left - walk[0] + 0.4 if side < 0 else right + walk[1] - 0.4
         items.append((z, lambda x=x, z=z, side=side: _pole(c, rng, x, z, side)))
     for _ in range(counts["tree"]):
@@ -476,10 +478,10 @@ def _upsampled_noise(rng: np.random.Generator, height: int, width: int, cell: in
 
 
 def _finish(c: Canvas, rng: np.random.Generator) -> np.ndarray:
-    """Turn the flat drawing into the domain's photograph: texture, light, haze, exposure, sensor, optics.
+    """Turn the flat drawing into the domain's photograph: texture, shadows, haze, contrast, sensor, optics.
 
-    Everything per pixel is folded into one brightness field [H, W], one additive haze row term and one
-    per-channel affine map, so the target costs a handful of full-image passes.
+    Everything per pixel is folded into one brightness field [H, W] and one haze-and-contrast map per row,
+    so the target costs a handful of full-image passes.
     """
     st, h, w = c.style, c.h, c.w
     if not (st.texture_strength or st.shadows or st.haze[1] or st.noise[1] or st.blur[1]):
@@ -500,10 +502,9 @@ def _finish(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     # haze: far things fade into the sky colour, most at the horizon row
     rows = np.arange(h, dtype=np.float32)
     fade = (rng.uniform(*st.haze) * np.exp(-np.abs(rows - c.horizon) / (0.12 * h)))[:, None, None]
-    gain = (rng.uniform(*st.exposure) * (1.0 + rng.normal(0, st.white_balance, 3))).astype(np.float32)
     contrast = rng.uniform(*st.contrast)
-    scale = (1.0 - fade) * (gain * contrast)  # [H, 1, 3]
-    offset = (fade * c.base["sky"] * gain - 128.0) * contrast + 128.0  # [H, 1, 3]
+    scale = (1.0 - fade) * contrast  # [H, 1, 1]
+    offset = (fade * c.base["sky"] - 128.0) * contrast + 128.0  # [H, 1, 3]
     img = np.asarray(c.rgb, dtype=np.float32)
     img *= field[..., None]
     img *= scale
