@@ -1,6 +1,7 @@
 """Complexity, speed and training cost of a config's model, and the thesis tables from finished runs.
 
-    python benchmark.py --config configs/cityscapes_bisenet.yaml [--size 512x1024] [--device cpu|cuda] [--iters N] [--json]
+    python benchmark.py --config configs/cityscapes_bisenet.yaml [--size 512x1024] [--device cpu|cuda]
+                        [--iters N] [--amp fp16|bf16] [--compile] [--json]
     python benchmark.py --config configs/gta5_bisenet_adv.yaml --train-step [--size 360x640] [--batch-size 2]
     python benchmark.py --runs runs/ --table all [--format md|csv] [--plot miou_fps.png]
 
@@ -213,6 +214,7 @@ def benchmark_model(cfg: Config, size: tuple[int, int], device: torch.device, it
     """Parameters, FLOPs and eager/deploy latency of `cfg.model` at `size` on `device`: one JSON-able dict."""
     import models
 
+    env = environment(device)  # the load before this process adds its own
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input size: let cuDNN pick its kernels during the warm-up
     model = build_model(_without_pretrained(cfg.model), source).to(device).eval()
@@ -226,7 +228,8 @@ def benchmark_model(cfg: Config, size: tuple[int, int], device: torch.device, it
         warmup = max(warmup, 1)  # compilation happens in the first call; never time it
     latency = measure_latency(model, deployed, size, device, iters, warmup, amp)
     return {"config": source, "config_name": cfg.name, "model_label": model_label(cfg.model),
-            "model": dataclasses.asdict(cfg.model), "size": list(size), **environment(device), "params": params, "flops": flops, "latency": latency,
+            "model": dataclasses.asdict(cfg.model), "size": list(size), **env,
+            "params": params, "flops": flops, "latency": latency,
             "deploy_options": {"amp": amp, "compile": compile_deploy}}
 
 
@@ -273,6 +276,7 @@ def benchmark_train_step(cfg: Config, device: torch.device, iters: int, warmup: 
         cfg.data.source.size = cfg.data.target.size = [size[1], size[0]]
         if cfg.adapt.crop is not None:  # a recipe's crop cannot be larger than the images
             cfg.adapt.crop = [min(cfg.adapt.crop[0], size[1]), min(cfg.adapt.crop[1], size[0])]
+    env = environment(device)  # the load before this process adds its own
     t = cfg.train
     runtime.seed_everything(cfg.seed, t.deterministic)  # as train.py does (it also sets cuDNN autotuning)
     batch = batch_size or t.batch_size
@@ -317,7 +321,7 @@ def benchmark_train_step(cfg: Config, device: torch.device, iters: int, warmup: 
     return {"config": source, "config_name": cfg.name, "model_label": model_label(cfg.model),
             "model": dataclasses.asdict(cfg.model), "adapt": cfg.adapt.name, "batch_size": batch,
             "source_size": list(src_hw), "target_size": list(tgt_hw) if tgt is not None else None,
-            "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "none", **environment(device),
+            "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "none", **env,
             "iters": iters, "warmup": warmup, "step_s": step_s, "images_per_s": batch / step_s,
             "peak_memory_bytes": peak_memory_bytes(device),
             "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
@@ -448,7 +452,8 @@ def method_label(cfg: Config) -> str:
 
 
 def model_label(model_cfg) -> str:
-    return f"{MODEL_NAMES.get(model_cfg.name, model_cfg.name)}-{BACKBONE_NAMES.get(model_cfg.backbone, model_cfg.backbone)}"
+    name = MODEL_NAMES.get(model_cfg.name, model_cfg.name)
+    return f"{name}-{BACKBONE_NAMES.get(model_cfg.backbone, model_cfg.backbone)}"
 
 
 def tables_of(run: Run) -> list[str]:
