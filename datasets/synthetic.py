@@ -82,12 +82,12 @@ class Style:
     texture: dict[str, float]           # label name -> relative amplitude of surface texture
     texture_strength: float
     shadows: bool
-    sun: tuple[float, float]            # lit-to-shade brightness ratio of facades
+    sun: tuple[float, float]            # brightness of facades in shade, in sun
     exposure: tuple[float, float]       # per-image light level (time of day, weather)
     white_balance: float                # std of per-image per-channel gain
-    haze: tuple[float, float]           # blend towards the sky colour with depth
-    blur: tuple[float, float]           # Gaussian radius in pixels at 512 px width
-    noise: tuple[float, float]          # sensor noise std on 0-255
+    haze: tuple[float, float]           # blend towards the sky colour at the horizon row
+    blur: tuple[float, float]           # box-blur radius in pixels at 512 px width
+    noise: tuple[float, float]          # sensor noise std on the 0-255 scale
     contrast: tuple[float, float]
     ego_vehicle: bool
 
@@ -106,7 +106,7 @@ SOURCE = Style(
         "terrain": ((140, 180, 70), 15), "skin": ((230, 180, 140), 20), "clothes": ((200, 50, 60), 60),
         "rider": ((240, 120, 30), 40), "window": ((60, 90, 140), 10), "tyre": ((25, 25, 25), 4),
         "bus": ((230, 200, 20), 30), "train": ((200, 40, 40), 20), "truck": ((235, 235, 230), 20),
-        "bike": ((20, 120, 200), 50), "ego": ((0, 0, 0), 0), "skyline": ((120, 130, 160), 15),
+        "bike": ((20, 120, 200), 50), "skyline": ((120, 130, 160), 15),
     },
     car_paints=((220, 30, 30), (30, 60, 220), (240, 240, 240), (20, 20, 20), (250, 200, 0), (40, 180, 60),
                 (170, 170, 180)),
