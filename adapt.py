@@ -401,8 +401,11 @@ class DACS(Strategy):
 
 
 def _step_seed(cfg: Config, ctx) -> int:
-    """A strategy's randomness is a function of (seed, iteration) alone: identical after a resume."""
-    return cfg.seed * 1_000_003 + ctx.iteration
+    """A strategy's randomness is a function of (seed, iteration, rank) alone: identical after a resume,
+    different on each DDP process (which holds different images)."""
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return (cfg.seed * 1_000_003 + ctx.iteration) * 1024 + rank
 
 
 def _step_random(cfg: Config, ctx) -> random.Random:
