@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 import runtime
 from config import Config, ConfigError, load_config
+from datasets.io import DatasetError
 from datasets.labels import CLASS_NAMES, IGNORE_INDEX, train_ids_to_label_ids
 from datasets.labels import colorize as colorize_hwc
 
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
             print(iou_table(columns))
             if args.save_predictions:
                 print(f"predictions ({args.format}) in {args.save_predictions}")
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
+    except (ConfigError, DatasetError, FileNotFoundError, runtime.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -210,6 +210,10 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             os.close(dir_fd)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read."""
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read a checkpoint written by `save_checkpoint` (tensors, numbers, strings and containers only)."""
     path = Path(path)
@@ -218,7 +222,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def model_state_from_checkpoint(checkpoint: dict) -> dict:

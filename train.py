@@ -32,7 +32,7 @@ from tqdm import tqdm
 import runtime
 from adapt import build_strategy
 from config import Config, ConfigError, dump_config, load_config, to_dict
-from datasets import build_dataset
+from datasets import DatasetError, build_dataset
 from eval import CLASS_NAMES, colorize, evaluate, iou_from_confusion, iou_table, metrics_from_confusion
 from models import build_model
 
@@ -411,7 +411,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, work_dir=args.work_dir, resume=args.resume)
-    except (ConfigError, FileNotFoundError, TrainingDiverged) as exc:
+    except (ConfigError, DatasetError, FileNotFoundError, runtime.CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
