@@ -33,7 +33,7 @@ import runtime
 from adapt import build_strategy
 from config import Config, ConfigError, dump_config, load_config, to_dict
 from datasets import DatasetError, build_dataset
-from eval import CLASS_NAMES, colorize, evaluate, iou_from_confusion, iou_table, metrics_from_confusion
+from eval import CLASS_NAMES, colorize, evaluate, iou_table, metrics_from_confusion
 from models import build_model
 
 
