@@ -356,7 +356,7 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None)
                     check_finite(iteration, weights=True)
                     save_best(iteration)
                 if dist.is_main:
-                    progress.write(f"iteration {iteration}: val mIoU {metrics['mIoU']:.2f} (best {best['mIoU']:.2f})")
+                    progress.write(f"iteration {iteration}: val mIoU {metrics['mIoU']} (best {best['mIoU']})")
             if iteration % t.checkpoint_interval == 0 or at_end or stop_now:
                 check_finite(iteration, weights=True)
                 checkpoint(run_dir / "last.pt", iteration)
