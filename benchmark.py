@@ -299,15 +299,10 @@ def benchmark_train_step(cfg: Config, device: torch.device, iters: int, warmup: 
     tgt = random_batch(tgt_hw, batch, cfg.model.num_classes, device, False, gen) if strategy.needs_target else None
 
     def steps(first: int, count: int) -> None:
-        # The loop body of train.train, step for step (no host sync: losses stay on the device).
+        # train.py's own step (no host sync: losses stay on the device).
         for it in range(first, first + count):
             ctx.iteration = it
-            optimizer.zero_grad(set_to_none=True)
-            strategy.training_step(model, src, tgt, ctx)
-            scaler.step(optimizer)
-            scaler.update()
-            strategy.after_step(model, ctx)
-            scheduler.step()
+            train.train_step(model, strategy, optimizer, scheduler, src, tgt, ctx)
 
     steps(0, warmup)
     if device.type == "cuda":

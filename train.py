@@ -70,6 +70,18 @@ class StepContext:
         self.scaler.step(optimizer)
 
 
+def train_step(model, strategy, optimizer, scheduler, source: dict, target: dict | None,
+               ctx: StepContext) -> dict[str, torch.Tensor]:
+    """One iteration of every strategy: the strategy's losses and backward, then the model's optimiser step."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = strategy.training_step(model, source, target, ctx)
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
+    strategy.after_step(model, ctx)
+    scheduler.step()
+    return losses
+
+
 # ------------------------------------------------------------------------------------ building blocks
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """SGD (or Adam) over the model's parameter groups; the head learns `head_lr_mult` times faster."""
@@ -316,12 +328,7 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None)
             ctx.iteration = iteration
             source = to_device(next(source_batches), device)
             target = to_device(next(target_batches), device) if target_batches else None
-            optimizer.zero_grad(set_to_none=True)
-            losses = strategy.training_step(train_model, source, target, ctx)
-            scaler.step(optimizer)
-            scaler.update()
-            strategy.after_step(train_model, ctx)
-            scheduler.step()
+            losses = train_step(train_model, strategy, optimizer, scheduler, source, target, ctx)
             iteration += 1
             progress.update()
 
