@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, however pytest is started
@@ -97,3 +98,28 @@ def gta5_tree(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gta5_root(gta5_tree) -> Path:
     return gta5_tree[0]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread for the suite (and OMP_NUM_THREADS=1 for its subprocesses): tiny tensors gain
+    nothing from more, two threads per process oversubscribe a busy 2-core machine badly, and an in-process
+    run and a subprocess run must use the same kernels to compare bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_overrides(root: Path, **extra) -> list[str]:
+    """A few iterations on 64x128 synthetic images, in float32 on the CPU, deterministic."""
+    settings = {
+        "data.source.root": root, "data.target.root": root, "data.val.root": root,
+        "data.source.size": "[128,64]", "data.target.size": "[128,64]", "data.val.size": "[128,64]",
+        "data.synthetic.num_source": 12, "data.synthetic.num_target": 8, "data.synthetic.num_val": 4,
+        "data.synthetic.height": 64, "data.synthetic.width": 128,
+        "train.iters": 4, "train.batch_size": 2, "train.workers": 0, "train.log_interval": 2,
+        "train.checkpoint_interval": 2, "train.deterministic": "true", "train.vis_images": 2,
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]

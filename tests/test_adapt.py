@@ -16,18 +16,10 @@ from torch import nn
 import adapt
 import runtime
 from config import from_dict, load_config
+from conftest import tiny_overrides
 from models.base import SegOutput
 
 C = 5  # classes of the stand-in network
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run fastest on one thread; on a shared 2-core machine two threads can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyNet(nn.Module):
@@ -352,17 +344,9 @@ ADAPT_CONFIGS = sorted(p for p in (REPO / "configs" / "synthetic").glob("*.yaml"
 
 
 def tiny(root: Path, **extra) -> list[str]:
-    """Two iterations on 64x128 synthetic images, float32 on the CPU, deterministic."""
-    settings = {
-        "data.source.root": root, "data.target.root": root, "data.val.root": root,
-        "data.source.size": "[128,64]", "data.target.size": "[128,64]", "data.val.size": "[128,64]",
-        "data.synthetic.num_source": 8, "data.synthetic.num_target": 8, "data.synthetic.num_val": 2,
-        "data.synthetic.height": 64, "data.synthetic.width": 128,
-        "train.iters": 2, "train.batch_size": 2, "train.workers": 0, "train.log_interval": 1,
-        "train.checkpoint_interval": 2, "train.deterministic": "true", "train.vis_images": 0,
-    }
-    settings.update(extra)
-    return [f"{k}={v}" for k, v in settings.items()]
+    """Two iterations on 64x128 synthetic images, float32 on the CPU, deterministic, nothing drawn."""
+    return tiny_overrides(root, **{"data.synthetic.num_source": 8, "data.synthetic.num_val": 2, "train.iters": 2,
+                                   "train.log_interval": 1, "train.vis_images": 0, **extra})
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import eval as evaluator
 import runtime
 from config import load_config
 from datasets import build_dataset
-from test_train import SOURCE_ONLY, one_thread, synthetic_root, tiny_overrides  # noqa: F401 (fixtures)
+from conftest import tiny_overrides
+from test_train import SOURCE_ONLY, synthetic_root  # noqa: F401 (a fixture)
 
 
 def test_iou_on_hand_built_predictions():

@@ -14,24 +14,11 @@ import torch
 
 import runtime
 from config import load_config
+from conftest import tiny_overrides
 from train import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_ONLY = REPO / "configs" / "synthetic" / "gta5_bisenet.yaml"
-
-
-def tiny_overrides(root: Path, **extra) -> list[str]:
-    """A few iterations on 64x128 synthetic images, in float32 on the CPU, deterministic."""
-    settings = {
-        "data.source.root": root, "data.target.root": root, "data.val.root": root,
-        "data.source.size": "[128,64]", "data.target.size": "[128,64]", "data.val.size": "[128,64]",
-        "data.synthetic.num_source": 12, "data.synthetic.num_target": 8, "data.synthetic.num_val": 4,
-        "data.synthetic.height": 64, "data.synthetic.width": 128,
-        "train.iters": 4, "train.batch_size": 2, "train.workers": 0, "train.log_interval": 2,
-        "train.checkpoint_interval": 2, "train.deterministic": "true", "train.vis_images": 2,
-    }
-    settings.update(extra)
-    return [f"{k}={v}" for k, v in settings.items()]
 
 
 @pytest.fixture(scope="session")
@@ -43,16 +30,6 @@ def synthetic_root(tmp_path_factory) -> Path:
     cfg = load_config(SOURCE_ONLY, tiny_overrides(root))
     build_dataset(cfg.data.source, cfg, "source")
     return root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, here and in the subprocesses: on 2 shared cores two threads per process
-    oversubscribe badly, and an in-process run and a subprocess run must use the same kernels to compare bits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
