@@ -26,5 +26,13 @@ demo: $(STAMP)
 	$(PYTHON) eval.py --config configs/synthetic/oracle_bisenet.yaml --each --checkpoint \
 	  $$(ls -d $(DEMO_RUNS)/gta5_bisenet/*/ | tail -n 1)best.pt $$(ls -d $(DEMO_RUNS)/oracle_bisenet/*/ | tail -n 1)best.pt
 
+# Every adaptation method against source-only and the oracle on the synthetic domains, three seeds (resumable:
+# finished runs are reused). Images are read at 128x64 to fit a CPU budget; the table lands in docs/results_synthetic.md.
+BENCH_ROOT := data/synthetic_benchmark_adaptation
+benchmark-synthetic: $(STAMP)
+	$(PYTHON) adapt.py benchmark --work-dir runs/benchmark_adaptation --seeds 0 1 2 --ssl --threads 1 \
+	  --table docs/results_synthetic.md "data.source.size=[128,64]" "data.target.size=[128,64]" "data.val.size=[128,64]" \
+	  data.source.root=$(BENCH_ROOT) data.target.root=$(BENCH_ROOT) data.val.root=$(BENCH_ROOT) train.workers=0
+
 clean-runs:
 	rm -rf runs
