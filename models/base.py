@@ -6,6 +6,7 @@ logits bilinearly upsampled to the input size.
 """
 from __future__ import annotations
 
+import abc
 from typing import NamedTuple
 
 import torch
@@ -61,7 +62,7 @@ def upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-class SegmentationModel(nn.Module):
+class SegmentationModel(nn.Module, abc.ABC):
     """Base class: subclasses set `backbone` and `aux_heads` and implement `forward_logits`."""
 
     backbone: nn.Module
@@ -71,9 +72,9 @@ class SegmentationModel(nn.Module):
         super().__init__()
         self.input_norm = InputNorm(input_norm)
 
+    @abc.abstractmethod
     def forward_logits(self, x: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Normalised images -> (main logits at the network's stride, aux logits if `with_aux` else {})."""
-        raise NotImplementedError
 
     def forward(self, images: torch.Tensor):
         logits, aux = self.forward_logits(self.input_norm(images), with_aux=self.training)
