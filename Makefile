@@ -7,10 +7,10 @@ STAMP  := $(VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-ci.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -r requirements.txt
+	$(PYTHON) -m pip install --quiet -r requirements-ci.txt
 	touch $(STAMP)
 
 test: $(STAMP)
