@@ -30,8 +30,8 @@ demo: $(STAMP)
 # finished runs are reused). Images are read at 128x64 to fit a CPU budget; the table lands in docs/results_synthetic.md.
 BENCH_ROOT := data/synthetic_benchmark_adaptation
 benchmark-synthetic: $(STAMP)
-	$(PYTHON) adapt.py benchmark --work-dir runs/benchmark_adaptation --seeds 0 1 2 --ssl --threads 1 \
-	  --table docs/results_synthetic.md "data.source.size=[128,64]" "data.target.size=[128,64]" "data.val.size=[128,64]" \
+	$(PYTHON) benchmark.py --adaptation-table --work-dir runs/benchmark_adaptation --seeds 0 1 2 --ssl --threads 1 \
+	  --into docs/results_synthetic.md "data.source.size=[128,64]" "data.target.size=[128,64]" "data.val.size=[128,64]" \
 	  data.source.root=$(BENCH_ROOT) data.target.root=$(BENCH_ROOT) data.val.root=$(BENCH_ROOT) train.workers=0
 
 clean-runs:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import abc
 import argparse
 import copy
-import json
 import math
 import random
 import sys
@@ -532,127 +531,6 @@ def write_pseudo_labels(cfg: Config, checkpoints: list[str], out: str | Path, bi
     return out
 
 
-# ------------------------------------------------------------------------------ synthetic benchmark
-SYNTHETIC = Path(__file__).resolve().parent / "configs" / "synthetic"
-# Runs of one seed in the order they train: the two references, one of each method, then the variants.
-BENCHMARK_CONFIGS = ("gta5_bisenet", "oracle_bisenet", "gta5_bisenet_adv", "gta5_bisenet_fda_b0.09",
-                     "gta5_bisenet_dacs", "gta5_bisenet_adv_multi", "gta5_bisenet_fda_b0.01", "gta5_bisenet_fda_b0.05")
-TABLE_ROWS = ("gta5_bisenet", "oracle_bisenet", "gta5_bisenet_adv", "gta5_bisenet_adv_multi", "gta5_bisenet_fda_b0.01",
-              "gta5_bisenet_fda_b0.05", "gta5_bisenet_fda_b0.09", "FDA multi-band (mean softmax of the 3 betas)",
-              "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs")
-FDA_BANDS = ("gta5_bisenet_fda_b0.01", "gta5_bisenet_fda_b0.05", "gta5_bisenet_fda_b0.09")
-MBT = TABLE_ROWS[7]
-
-
-def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: bool, table: Path | None) -> str:
-    """Every synthetic method against source-only and the oracle, one seed after another (all rows of seed 0
-    first, so a partial benchmark is already a comparison). Finished runs (metrics.json) are reused, so the
-    command resumes where it stopped. Returns the markdown table, also written to work_dir/table.md."""
-    from torch.utils.data import DataLoader
-
-    import runtime
-    from datasets import build_dataset
-    from eval import evaluate, load_models, metrics_from_confusion
-    from train import train
-
-    results = _finished_runs(work_dir)
-    for seed in seeds:
-        extra = [f"seed={seed}", *overrides]
-        for name in BENCHMARK_CONFIGS:
-            if (name, seed) not in results:
-                run_dir = train(load_config(SYNTHETIC / f"{name}.yaml", extra), work_dir=work_dir)
-                results[name, seed] = _read_metrics(run_dir)
-            _write_table(work_dir, results, table)
-        checkpoints = [str(results[name, seed]["run_dir"] / "last.pt") for name in FDA_BANDS]
-        if (MBT, seed) not in results:  # multi-band transfer: score the three FDA models' mean softmax
-            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_b0.09.yaml", extra)
-            device = runtime.init_distributed().device
-            loader = DataLoader(build_dataset(cfg.data.val, cfg, "val"), batch_size=cfg.eval.batch_size)
-            confusion = evaluate(load_models(cfg, checkpoints, device), loader, device, cfg.model.num_classes)
-            metrics = {"final": metrics_from_confusion(confusion), "seed": seed, "wall_time_s": 0.0}
-            mbt_dir = work_dir / "fda_mbt" / f"seed{seed}"
-            mbt_dir.mkdir(parents=True, exist_ok=True)
-            (mbt_dir / "metrics.json").write_text(json.dumps({**metrics, "config_name": MBT}, indent=2))
-            results[MBT, seed] = {**metrics, "run_dir": mbt_dir}
-        if ssl and ("gta5_bisenet_fda_ssl", seed) not in results:  # FDA's self-supervised round on MBT labels
-            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml", extra)
-            labels = write_pseudo_labels(cfg, checkpoints, work_dir / "pseudo_labels" / f"seed{seed}")
-            run_dir = train(load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml",
-                                        [*extra, f"data.target.pseudo_labels={labels}"]), work_dir=work_dir)
-            results["gta5_bisenet_fda_ssl", seed] = _read_metrics(run_dir)
-        _write_table(work_dir, results, table)
-    return (work_dir / "table.md").read_text()
-
-
-def _read_metrics(run_dir: Path) -> dict:
-    return {**json.loads((Path(run_dir) / "metrics.json").read_text()), "run_dir": Path(run_dir)}
-
-
-def _finished_runs(work_dir: Path) -> dict:
-    results = {}
-    for path in sorted(work_dir.glob("**/metrics.json")):
-        m = _read_metrics(path.parent)
-        results[m["config_name"], m["seed"]] = m
-    return results
-
-
-def _write_table(work_dir: Path, results: dict, table: Path | None) -> None:
-    """Mean ± sample std of the final mIoU over seeds per row, its gap to source-only, the seeds' values."""
-    import statistics
-
-    by_row = {row: sorted((seed, m) for (name, seed), m in results.items() if name == row) for row in TABLE_ROWS}
-    base = [m["final"]["mIoU"] for _, m in by_row["gta5_bisenet"]]
-    base_mean = statistics.mean(base) if base else None
-    lines = ["| Run | Seeds | mIoU (mean ± std) | vs source-only | per seed | train time per run (s) |",
-             "|---|---|---|---|---|---|"]
-    for row in TABLE_ROWS:
-        runs = by_row[row]
-        if not runs:
-            continue
-        vals = [m["final"]["mIoU"] for _, m in runs]
-        mean = statistics.mean(vals)
-        std = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
-        gap = f"{mean - base_mean:+.1f}" if base_mean is not None and row != "gta5_bisenet" else ""
-        wall = statistics.mean(m["wall_time_s"] for _, m in runs)
-        lines.append(f"| {row} | {len(vals)} | {mean:.1f}{std} | {gap} | "
-                     f"{', '.join(f'{v:.1f}' for v in vals)} | {wall:.0f} |")
-    text = "\n".join(lines) + "\n"
-    (work_dir / "table.md").write_text(text)
-    if table is not None:
-        _replace_section(table, text)
-
-
-def _replace_section(path: Path, table_text: str) -> None:
-    """Put the table between the markers of the "## Domain adaptation" section of `path`."""
-    start, end = "<!-- adaptation-table:start -->", "<!-- adaptation-table:end -->"
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise ValueError(f"{path}: no {start} ... {end} markers to put the adaptation table between")
-    head, rest = text.split(start, 1)
-    path.write_text(head + start + "\n" + table_text + rest[rest.index(end):])
-
-
-def step_cost(configs: list[str], overrides: list[str], rounds: int, steps: int) -> str:
-    """Training-step time of each config as a ratio to the first (source-only), timed in interleaved rounds on
-    random batches with benchmark.py's step timer, so that a changing machine load hits every config alike."""
-    import statistics
-
-    from benchmark import benchmark_train_step
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    times = {c: [] for c in configs}
-    for _ in range(rounds):
-        for config in configs:
-            cfg = load_config(config, overrides)
-            times[config].append(benchmark_train_step(cfg, device, steps, 1, source=config)["step_s"])
-    base = statistics.median(times[configs[0]])
-    lines = ["| Config | step (s, median) | ratio to " + Path(configs[0]).stem + " |", "|---|---|---|"]
-    for config in configs:
-        step = statistics.median(times[config])
-        lines.append(f"| {Path(config).stem} | {step:.3f} | {step / base:.2f} |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Adaptation tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -662,31 +540,8 @@ def main(argv=None) -> int:
     pseudo.add_argument("--checkpoint", required=True, nargs="+", help="checkpoints whose softmax is averaged")
     pseudo.add_argument("--out", required=True, help="folder for {city}/{stem}.png train-id pseudo-labels")
     pseudo.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    bench = commands.add_parser("benchmark", help="every synthetic method vs source-only and the oracle, "
-                                "several seeds; resumable")
-    bench.add_argument("--work-dir", default="runs/benchmark_adaptation", help="run folders and table.md")
-    bench.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    bench.add_argument("--ssl", action="store_true", help="also FDA's self-supervised round on MBT pseudo-labels")
-    bench.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
-    bench.add_argument("--table", type=Path, help="also write the table into this markdown file's "
-                       "adaptation-table markers (docs/results_synthetic.md)")
-    bench.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
-    cost = commands.add_parser("step-cost", help="training-step time of configs as a ratio to the first")
-    cost.add_argument("--config", required=True, nargs="+", help="configs; the first is the reference")
-    cost.add_argument("--rounds", type=int, default=3)
-    cost.add_argument("--steps", type=int, default=2, help="timed steps per config and round (after 1 warm-up)")
-    cost.add_argument("--threads", type=int, help="torch CPU threads")
-    cost.add_argument("overrides", nargs="*", help="section.key=value overrides for every config")
     args = parser.parse_args(argv)
     try:
-        if args.command in ("benchmark", "step-cost") and args.threads:
-            torch.set_num_threads(args.threads)
-        if args.command == "benchmark":
-            print(run_benchmark(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.table))
-            return 0
-        if args.command == "step-cost":
-            print(step_cost(args.config, args.overrides, args.rounds, args.steps))
-            return 0
         cfg = load_config(args.config, args.overrides)
         for path in args.checkpoint:
             if not Path(path).is_file():

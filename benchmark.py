@@ -710,6 +710,129 @@ def plot_miou_fps(runs: list[Run], path: str | Path, metric: str = "final", prob
     return sum(len(p) for p in points.values())
 
 
+# ------------------------------------------------------------------- experiments: the synthetic adaptation table
+# Experiment runners live here, above the trainer they drive (config/runtime <- datasets, models <- eval, adapt
+# <- train <- benchmark).
+SYNTHETIC = Path(__file__).resolve().parent / "configs" / "synthetic"
+# Runs of one seed in the order they train: the two references, one of each method, then the variants.
+BENCHMARK_CONFIGS = ("gta5_bisenet", "oracle_bisenet", "gta5_bisenet_adv", "gta5_bisenet_fda_b0.09",
+                     "gta5_bisenet_dacs", "gta5_bisenet_adv_multi", "gta5_bisenet_fda_b0.01", "gta5_bisenet_fda_b0.05")
+TABLE_ROWS = ("gta5_bisenet", "oracle_bisenet", "gta5_bisenet_adv", "gta5_bisenet_adv_multi", "gta5_bisenet_fda_b0.01",
+              "gta5_bisenet_fda_b0.05", "gta5_bisenet_fda_b0.09", "FDA multi-band (mean softmax of the 3 betas)",
+              "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs")
+FDA_BANDS = ("gta5_bisenet_fda_b0.01", "gta5_bisenet_fda_b0.05", "gta5_bisenet_fda_b0.09")
+MBT = TABLE_ROWS[7]
+
+
+def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: bool, table: Path | None) -> str:
+    """Every synthetic method against source-only and the oracle, one seed after another (all rows of seed 0
+    first, so a partial benchmark is already a comparison). Finished runs (metrics.json) are reused, so the
+    command resumes where it stopped. Returns the markdown table, also written to work_dir/table.md."""
+    from torch.utils.data import DataLoader
+
+    import runtime
+    from adapt import write_pseudo_labels
+    from datasets import build_dataset
+    from eval import evaluate, load_models, metrics_from_confusion
+    from train import train
+
+    results = _finished_runs(work_dir)
+    for seed in seeds:
+        extra = [f"seed={seed}", *overrides]
+        for name in BENCHMARK_CONFIGS:
+            if (name, seed) not in results:
+                run_dir = train(load_config(SYNTHETIC / f"{name}.yaml", extra), work_dir=work_dir)
+                results[name, seed] = _read_metrics(run_dir)
+            _write_table(work_dir, results, table)
+        checkpoints = [str(results[name, seed]["run_dir"] / "last.pt") for name in FDA_BANDS]
+        if (MBT, seed) not in results:  # multi-band transfer: score the three FDA models' mean softmax
+            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_b0.09.yaml", extra)
+            device = runtime.init_distributed().device
+            loader = DataLoader(build_dataset(cfg.data.val, cfg, "val"), batch_size=cfg.eval.batch_size)
+            confusion = evaluate(load_models(cfg, checkpoints, device), loader, device, cfg.model.num_classes)
+            metrics = {"final": metrics_from_confusion(confusion), "seed": seed, "wall_time_s": 0.0}
+            mbt_dir = work_dir / "fda_mbt" / f"seed{seed}"
+            mbt_dir.mkdir(parents=True, exist_ok=True)
+            (mbt_dir / "metrics.json").write_text(json.dumps({**metrics, "config_name": MBT}, indent=2))
+            results[MBT, seed] = {**metrics, "run_dir": mbt_dir}
+        if ssl and ("gta5_bisenet_fda_ssl", seed) not in results:  # FDA's self-supervised round on MBT labels
+            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml", extra)
+            labels = write_pseudo_labels(cfg, checkpoints, work_dir / "pseudo_labels" / f"seed{seed}")
+            run_dir = train(load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml",
+                                        [*extra, f"data.target.pseudo_labels={labels}"]), work_dir=work_dir)
+            results["gta5_bisenet_fda_ssl", seed] = _read_metrics(run_dir)
+        _write_table(work_dir, results, table)
+    return (work_dir / "table.md").read_text()
+
+
+def _read_metrics(run_dir: Path) -> dict:
+    return {**json.loads((Path(run_dir) / "metrics.json").read_text()), "run_dir": Path(run_dir)}
+
+
+def _finished_runs(work_dir: Path) -> dict:
+    results = {}
+    for path in sorted(work_dir.glob("**/metrics.json")):
+        m = _read_metrics(path.parent)
+        results[m["config_name"], m["seed"]] = m
+    return results
+
+
+def _write_table(work_dir: Path, results: dict, table: Path | None) -> None:
+    """Mean ± sample std of the final mIoU over seeds per row, its gap to source-only, the seeds' values."""
+    import statistics
+
+    by_row = {row: sorted((seed, m) for (name, seed), m in results.items() if name == row) for row in TABLE_ROWS}
+    base = [m["final"]["mIoU"] for _, m in by_row["gta5_bisenet"]]
+    base_mean = statistics.mean(base) if base else None
+    lines = ["| Run | Seeds | mIoU (mean ± std) | vs source-only | per seed | train time per run (s) |",
+             "|---|---|---|---|---|---|"]
+    for row in TABLE_ROWS:
+        runs = by_row[row]
+        if not runs:
+            continue
+        vals = [m["final"]["mIoU"] for _, m in runs]
+        mean = statistics.mean(vals)
+        std = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+        gap = f"{mean - base_mean:+.1f}" if base_mean is not None and row != "gta5_bisenet" else ""
+        wall = statistics.mean(m["wall_time_s"] for _, m in runs)
+        lines.append(f"| {row} | {len(vals)} | {mean:.1f}{std} | {gap} | "
+                     f"{', '.join(f'{v:.1f}' for v in vals)} | {wall:.0f} |")
+    text = "\n".join(lines) + "\n"
+    (work_dir / "table.md").write_text(text)
+    if table is not None:
+        _replace_section(table, text)
+
+
+def _replace_section(path: Path, table_text: str) -> None:
+    """Put the table between the markers of the "## Domain adaptation" section of `path`."""
+    start, end = "<!-- adaptation-table:start -->", "<!-- adaptation-table:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{path}: no {start} ... {end} markers to put the adaptation table between")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + table_text + rest[rest.index(end):])
+
+
+def step_cost(configs: list[str], overrides: list[str], rounds: int, steps: int) -> str:
+    """Training-step time of each config as a ratio to the first (source-only), timed in interleaved rounds on
+    random batches with `benchmark_train_step`, so that a changing machine load hits every config alike."""
+    import statistics
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    times = {c: [] for c in configs}
+    for _ in range(rounds):
+        for config in configs:
+            cfg = load_config(config, overrides)
+            times[config].append(benchmark_train_step(cfg, device, steps, 1, source=config)["step_s"])
+    base = statistics.median(times[configs[0]])
+    lines = ["| Config | step (s, median) | ratio to " + Path(configs[0]).stem + " |", "|---|---|---|"]
+    for config in configs:
+        step = statistics.median(times[config])
+        lines.append(f"| {Path(config).stem} | {step:.3f} | {step / base:.2f} |")
+    return "\n".join(lines)
+
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def _print_model_report(r: dict) -> None:
     p, f, lat = r["params"], r["flops"], r["latency"]
@@ -752,6 +875,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--config", help="a config YAML: benchmark its model (or its training step)")
     mode.add_argument("--runs", nargs="+", metavar="DIR", help="folders of finished runs to tabulate")
+    mode.add_argument("--adaptation-table", action="store_true", help="train every synthetic method, source-only "
+                      "and the oracle for --seeds, then tabulate them (resumable: finished runs are reused)")
+    mode.add_argument("--step-cost", nargs="+", metavar="CONFIG", help="training-step time of configs as a ratio "
+                      "to the first, in interleaved --rounds of --iters steps")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     parser.add_argument("--size", help="HEIGHTxWIDTH; model: default 512x1024; --train-step: default the "
                                        "config's source/target sizes")
@@ -771,6 +898,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--metric", choices=("final", "best"), default="final",
                         help="which metrics.json result to tabulate (best = selected on val)")
     parser.add_argument("--plot", metavar="FILE.png", help="--runs: also draw mIoU against FPS")
+    parser.add_argument("--work-dir", default="runs/benchmark_adaptation",
+                        help="--adaptation-table: run folders and table.md")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="--adaptation-table: seeds")
+    parser.add_argument("--ssl", action="store_true", help="--adaptation-table: also FDA's self-supervised round "
+                        "on multi-band pseudo-labels")
+    parser.add_argument("--into", type=Path, metavar="FILE.md", help="--adaptation-table: also write the table "
+                        "between the adaptation-table markers of this file (docs/results_synthetic.md)")
+    parser.add_argument("--rounds", type=int, default=3, help="--step-cost: interleaved rounds")
     return parser.parse_args(argv)
 
 
@@ -779,6 +914,8 @@ def main(argv=None) -> int:
     try:
         if args.runs:
             return _main_runs(args)
+        if args.adaptation_table or args.step_cost:
+            return _main_experiments(args)
         return _main_config(args)
     except (BenchmarkError, ConfigError) as exc:
         print(f"benchmark.py: {exc}", file=sys.stderr)
@@ -797,6 +934,19 @@ def _main_runs(args) -> int:
     for line in problems:
         print(f"benchmark.py: {line}", file=sys.stderr)
     return 0 if tables else 1
+
+
+def _main_experiments(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)  # 1 is fastest when several runs share a busy machine
+    if args.step_cost:
+        print(step_cost(args.step_cost, args.overrides, args.rounds, args.iters or 2))
+    else:
+        try:
+            print(run_benchmark(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.into))
+        except (FileNotFoundError, RuntimeError, ValueError) as exc:  # data, checkpoint, divergence
+            raise BenchmarkError(str(exc)) from None
+    return 0
 
 
 def _main_config(args) -> int:

@@ -9,6 +9,10 @@ step the LR schedule. The host synchronises with the device only at logging, eva
 intervals. A run folder `<work dir>/<config name>/<timestamp>/` receives config.yaml, TensorBoard events,
 last.pt, best.pt and metrics.json (schema in docs/architecture.md).
 
+`train()` reads as the story of a run: build the parts, open (or resume) the run folder, loop, finish. The
+pieces it uses are named below it: `Parts` (what is trained and saved), `Checkpointer`, `Validator`,
+`DivergenceGuard` and `LossMeter`, each usable on its own.
+
 `train.batch_size` is the global batch: each of N processes loads batch_size / N images, so a recipe
 means the same thing on any number of GPUs.
 """
@@ -20,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +35,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import runtime
-from adapt import build_strategy
+from adapt import STRATEGIES, Strategy, build_strategy
 from config import Config, ConfigError, dump_config, load_config, to_dict
 from datasets import DatasetError, build_dataset
 from eval import CLASS_NAMES, colorize, evaluate, iou_table, metrics_from_confusion
@@ -39,6 +44,77 @@ from models import build_model
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None) -> Path:
+    """Train `cfg` to the end (or to a stop request) and return the run folder."""
+    dist = runtime.init_distributed()
+    runtime.seed_everything(cfg.seed, cfg.train.deterministic)  # every rank builds the same model and strategy
+    data = build_data(cfg, dist)
+    parts = build_parts(cfg, dist, data.max_iters)
+    if dist.enabled:  # ...but draws its own random numbers while training
+        runtime.seed_everything(cfg.seed + dist.rank, cfg.train.deterministic)
+
+    run_dir, progress = open_run(cfg, Path(work_dir), resume, parts, dist)
+    log = RunLog(cfg, run_dir, dist, progress.iteration, data.max_iters)
+    batches = data.batches(cfg, dist, parts.strategy.needs_target, progress.iteration)
+    validator = Validator(cfg, parts.model, val_loader(data.val, cfg, dist), dist.device, log.writer)
+    checkpointer = Checkpointer(cfg, run_dir, parts, dist)
+
+    with StopRequest() as stop:
+        metrics = train_loop(cfg, parts, batches, progress, validator, checkpointer, log, stop, dist)
+    if metrics is not None:
+        log.finish(progress, metrics)
+    log.close()
+    if metrics is None and dist.is_main:  # stopped early: last.pt holds everything a resume needs
+        print(f"stopped at iteration {progress.iteration}; resume with --resume {run_dir / 'last.pt'}", flush=True)
+    return run_dir
+
+
+def train_loop(cfg: Config, parts: Parts, batches, progress: Progress, validator: Validator,
+               checkpointer: Checkpointer, log: RunLog, stop: StopRequest, dist: runtime.Distributed) -> dict | None:
+    """Iterate from `progress.iteration` to the end; return the final validation metrics (None when stopped).
+
+    Logging, validation and checkpoints happen at their intervals; nothing else waits for the device.
+    """
+    t, max_iters = cfg.train, parts.ctx.max_iters
+    guard = DivergenceGuard(cfg, parts.model, checkpointer.last, dist.device)
+    losses_seen = LossMeter()
+    metrics = None
+    source_batches, target_batches = batches
+    while progress.iteration < max_iters:
+        parts.ctx.iteration = progress.iteration
+        source = to_device(next(source_batches), dist.device)
+        target = to_device(next(target_batches), dist.device) if target_batches else None
+        losses = train_step(parts.train_model, parts.strategy, parts.optimizer, parts.scheduler, source, target,
+                            parts.ctx)
+        progress.iteration += 1
+        iteration = progress.iteration
+        guard.update(losses)
+        losses_seen.update(losses)
+        log.progress.update()
+
+        at_end = iteration == max_iters
+        stop_now = stop.agreed(iteration % t.log_interval == 0 or at_end, dist)
+        if iteration % t.log_interval == 0 or at_end or stop_now:
+            guard.check(iteration)
+            log.losses(iteration, losses_seen.pop_means(), parts.optimizer)
+        if (t.eval_interval and iteration % t.eval_interval == 0) or at_end:
+            metrics = validator(iteration)
+            if metrics["mIoU"] is not None and metrics["mIoU"] > progress.best["mIoU"]:
+                progress.best = {"mIoU": metrics["mIoU"], "iteration": iteration, "IoU": metrics["IoU"]}
+                guard.check(iteration, weights=True)
+                checkpointer.save_weights(checkpointer.best, progress)
+            log.validation(iteration, metrics, progress.best)
+        if iteration % t.checkpoint_interval == 0 or at_end or stop_now:
+            guard.check(iteration, weights=True)
+            checkpointer.save_last(progress)
+        if stop_now and not at_end:
+            return None
+    if metrics is None:  # resumed a finished run: score it again
+        metrics = validator(progress.iteration)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------ step context
@@ -82,29 +158,42 @@ def train_step(model, strategy, optimizer, scheduler, source: dict, target: dict
     return losses
 
 
-# ------------------------------------------------------------------------------------ building blocks
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD (or Adam) over the model's parameter groups; the head learns `head_lr_mult` times faster."""
+# ------------------------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    """The run's data sets and its length in iterations (`train.iters`, or epochs of the source)."""
+
+    source: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    target: torch.utils.data.Dataset | None
+    per_rank_batch: int
+    max_iters: int
+
+    def batches(self, cfg: Config, dist: runtime.Distributed, needs_target: bool, start_iter: int):
+        """(source batches, target batches or None): endless streams positioned at `start_iter`."""
+        source = endless_batches(self.source, self.per_rank_batch, cfg.seed, dist, cfg.train.workers, start_iter)
+        if not needs_target:
+            return source, None
+        if self.target is None:
+            raise ConfigError(f"adapt.name = {cfg.adapt.name!r} needs a target data set: set data.target")
+        target = endless_batches(self.target, self.per_rank_batch, cfg.seed + 1, dist, cfg.train.workers, start_iter)
+        return source, target
+
+
+def build_data(cfg: Config, dist: runtime.Distributed) -> Data:
     t = cfg.train
-    groups = model.param_groups()
-    param_groups = [
-        {"params": [p for p in groups["backbone"] if p.requires_grad], "lr": t.lr, "name": "backbone"},
-        {"params": [p for p in groups["head"] if p.requires_grad], "lr": t.lr * t.head_lr_mult, "name": "head"},
-    ]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.Adam(param_groups, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def poly_schedule(max_iters: int, power: float, warmup_iters: int = 0):
-    """LR multiplier at an iteration: linear warm-up to 1, then (1 - it / max_iters) ** power."""
-
-    def factor(iteration: int) -> float:
-        if iteration < warmup_iters:
-            return (iteration + 1) / warmup_iters
-        return max(0.0, 1.0 - iteration / max_iters) ** power
-
-    return factor
+    if t.batch_size % dist.world_size:
+        raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by the {dist.world_size} processes")
+    per_rank_batch = t.batch_size // dist.world_size
+    source_set = build_dataset(cfg.data.source, cfg, "source")
+    val_set = build_dataset(cfg.data.val, cfg, "val")
+    epoch_steps = steps_per_epoch(len(source_set), per_rank_batch, dist.world_size, "source")
+    target_set = None
+    if getattr(STRATEGIES.get(cfg.adapt.name), "needs_target", False):
+        target_set = build_dataset(cfg.data.target, cfg, "target")
+        steps_per_epoch(len(target_set), per_rank_batch, dist.world_size, "target")
+    max_iters = t.iters if t.iters is not None else t.epochs * epoch_steps
+    return Data(source_set, val_set, target_set, per_rank_batch, max_iters)
 
 
 def endless_batches(dataset, batch_size: int, seed: int, dist: runtime.Distributed, workers: int, start_step: int):
@@ -147,6 +236,105 @@ def steps_per_epoch(dataset_size: int, per_rank_batch: int, world_size: int, wha
     return steps
 
 
+# ------------------------------------------------------------------------------------------ parts
+@dataclass
+class Parts:
+    """What a run trains and what its checkpoint saves: model, strategy, optimiser, schedule, AMP scaler."""
+
+    model: nn.Module  # the unwrapped model (what is saved and validated)
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ctx: StepContext
+    train_model: nn.Module = None  # what the loop calls: the model, wrapped in DDP when distributed
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.strategy.load_state_dict(state["strategy"])
+
+
+def build_parts(cfg: Config, dist: runtime.Distributed, max_iters: int) -> Parts:
+    t, device = cfg.train, dist.device
+    model = build_model(cfg.model).to(device)
+    if t.sync_bn and dist.enabled:
+        if device.type != "cuda":
+            raise ConfigError("train.sync_bn = true needs CUDA (SyncBatchNorm has no CPU kernel); set it to false")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    strategy = build_strategy(cfg, model).to(device)
+    optimizer = build_optimizer(model, cfg)
+    lr_factor = poly_schedule(max_iters, t.poly_power, t.warmup_iters)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    amp_dtype = runtime.autocast_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ctx = StepContext(max_iters, device, amp_dtype, scaler, lr_factor)
+    # DDP wraps the model only for the loop; the unwrapped model is what is saved, restored and validated.
+    train_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+                   if dist.enabled else model)
+    return Parts(model, strategy, optimizer, scheduler, scaler, ctx, train_model)
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD (or Adam) over the model's parameter groups; the head learns `head_lr_mult` times faster."""
+    t = cfg.train
+    groups = model.param_groups()
+    param_groups = [
+        {"params": [p for p in groups["backbone"] if p.requires_grad], "lr": t.lr, "name": "backbone"},
+        {"params": [p for p in groups["head"] if p.requires_grad], "lr": t.lr * t.head_lr_mult, "name": "head"},
+    ]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(param_groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def poly_schedule(max_iters: int, power: float, warmup_iters: int = 0):
+    """LR multiplier at an iteration: linear warm-up to 1, then (1 - it / max_iters) ** power."""
+
+    def factor(iteration: int) -> float:
+        if iteration < warmup_iters:
+            return (iteration + 1) / warmup_iters
+        return max(0.0, 1.0 - iteration / max_iters) ** power
+
+    return factor
+
+
+# --------------------------------------------------------------------------------- run folder, resume
+@dataclass
+class Progress:
+    """Where a run stands: the iteration reached, the best validation so far, the time trained."""
+
+    iteration: int = 0
+    best: dict = field(default_factory=lambda: {"mIoU": -1.0, "iteration": 0, "IoU": {}})
+    wall_before: float = 0.0  # seconds trained in earlier lives of the run (before a resume)
+    started: float = field(default_factory=time.perf_counter)
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+
+def open_run(cfg: Config, work_dir: Path, resume: str | None, parts: Parts,
+             dist: runtime.Distributed) -> tuple[Path, Progress]:
+    """A new run folder, or the folder of the checkpoint `resume` names, with the state restored from it."""
+    checkpoint_path = find_resume_checkpoint(resume, work_dir, cfg) if resume else None
+    if resume == "auto" and checkpoint_path is None and dist.is_main:
+        print(f"--resume auto: no run of {cfg.name} in {work_dir} to resume; starting a new one", flush=True)
+    if checkpoint_path is None:
+        run_dir = new_run_dir(work_dir, cfg) if dist.is_main else None
+        return Path(runtime.broadcast_object(str(run_dir) if run_dir else None)), Progress()
+    state = runtime.load_checkpoint(checkpoint_path, map_location=dist.device)
+    parts.load_state_dict(state)
+    runtime.set_rng_state(state["rng"][dist.rank % len(state["rng"])])
+    return checkpoint_path.parent, Progress(state["iteration"], state["best"], state["wall_time_s"])
+
+
 def new_run_dir(work_dir: Path, cfg: Config) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, n = work_dir / cfg.name / stamp, 1
@@ -167,8 +355,165 @@ def find_resume_checkpoint(resume: str, work_dir: Path, cfg: Config) -> Path | N
     return runs[-1] if runs else None
 
 
+class Checkpointer:
+    """The run folder's checkpoints: `last.pt` (everything a resume needs) and weights-only files (`best.pt`).
+
+    Every rank contributes its RNG state to last.pt; rank 0 writes. Files are written atomically.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, parts: Parts, dist: runtime.Distributed):
+        self.cfg, self.parts, self.dist = cfg, parts, dist
+        self.last, self.best = run_dir / "last.pt", run_dir / "best.pt"
+
+    def save_last(self, progress: Progress) -> None:
+        rng = [runtime.rng_state()]
+        if self.dist.enabled:
+            rng = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(rng, runtime.rng_state())
+        if self.dist.is_main:
+            runtime.save_checkpoint({
+                "iteration": progress.iteration, **self.parts.state_dict(), "rng": rng, "best": progress.best,
+                "wall_time_s": progress.wall_time(), "config_name": self.cfg.name,
+            }, self.last)
+
+    def save_weights(self, path: Path, progress: Progress) -> None:
+        """The weights to evaluate or deploy (best.pt); a resume continues from last.pt."""
+        if self.dist.is_main:
+            runtime.save_checkpoint({"iteration": progress.iteration, "model": self.parts.model.state_dict(),
+                                     "best": progress.best, "config_name": self.cfg.name}, path)
+
+
+# ------------------------------------------------------------------------------ guard, losses, validation
 def weights_finite(model: nn.Module) -> torch.Tensor:
     return torch.stack([t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()]).all()
+
+
+class DivergenceGuard:
+    """Tracks on the device whether every loss stayed finite; `check` is the one host sync, at intervals.
+
+    All ranks stop together, and the message says which checkpoint is the last good one.
+    """
+
+    def __init__(self, cfg: Config, model: nn.Module, last_checkpoint: Path, device: torch.device):
+        self.cfg, self.model, self.last = cfg, model, last_checkpoint
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def update(self, losses: dict[str, torch.Tensor]) -> None:
+        self.finite &= torch.isfinite(sum(losses.values()))
+
+    def check(self, iteration: int, weights: bool = False) -> None:
+        """Did any loss since the start (or, with `weights`, any weight) stop being finite? Then raise."""
+        ok = self.finite if not weights else self.finite & weights_finite(self.model)
+        bad = runtime.all_reduce_sum((~ok).float().reshape(1))
+        if bool(bad > 0):
+            kept = f"the last good checkpoint is {self.last}" if self.last.exists() else "no checkpoint was written"
+            raise TrainingDiverged(f"loss or weights became NaN/inf by iteration {iteration} of {self.cfg.name}; "
+                                   f"{kept}. Lower train.lr (now {self.cfg.train.lr:g}) or check the data")
+
+
+class LossMeter:
+    """Sums of the named losses on the device since the last `pop_means` (no host sync until then)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.float()
+        self.count += 1
+
+    def pop_means(self) -> dict[str, float]:
+        means = dict(zip(self.sums, (torch.stack(list(self.sums.values())) / self.count).tolist()))
+        self.sums, self.count = {}, 0
+        return means
+
+
+class Validator:
+    """mIoU and per-class IoU of the model on the val set; TensorBoard gets the scores and a few predictions."""
+
+    def __init__(self, cfg: Config, model: nn.Module, loader: DataLoader, device: torch.device,
+                 writer: SummaryWriter | None):
+        self.cfg, self.model, self.loader, self.device, self.writer = cfg, model, loader, device, writer
+
+    def __call__(self, iteration: int) -> dict:
+        shown = []
+
+        def keep_for_display(batch, pred):
+            for i in range(min(len(pred), self.cfg.train.vis_images - len(shown))):
+                shown.append((batch["image"][i], batch["label"][i], pred[i]))
+
+        self.model.eval()
+        confusion = evaluate([self.model], self.loader, self.device, self.cfg.model.num_classes,  # float32
+                             on_batch=keep_for_display if self.writer else None)
+        self.model.train()
+        metrics = metrics_from_confusion(confusion)
+        if self.writer:
+            self.writer.add_scalar("val/mIoU", metrics["mIoU"], iteration)
+            for name, value in metrics["IoU"].items():
+                if value is not None:
+                    self.writer.add_scalar(f"val/IoU/{name}", value, iteration)
+            for i, (image, label, pred) in enumerate(shown):
+                self.writer.add_image(f"val/prediction/{i}", prediction_panel(image, label, pred), iteration)
+        return metrics
+
+
+def prediction_panel(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """[image | ground truth | prediction] side by side, uint8 CHW, at the label's size."""
+    size = label.shape[-2:]
+    image = image.float()[None]
+    if image.shape[-2:] != size:
+        image = nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    image = image[0].round().clamp(0, 255).to(torch.uint8).cpu()
+    return torch.cat([image, colorize(label.cpu()), colorize(pred.cpu())], dim=-1)
+
+
+class RunLog:
+    """What rank 0 writes besides checkpoints: config.yaml, TensorBoard, the progress bar, metrics.json."""
+
+    def __init__(self, cfg: Config, run_dir: Path, dist: runtime.Distributed, start_iter: int, max_iters: int):
+        self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
+        self.writer = None
+        if dist.is_main:
+            dump_config(cfg, run_dir / "config.yaml")
+            self.writer = SummaryWriter(str(run_dir), purge_step=start_iter)
+            print(f"run folder: {run_dir}  ({'resumed at iteration %d' % start_iter if start_iter else 'new run'}, "
+                  f"{max_iters} iterations, {dist.world_size} process(es), device {dist.device})", flush=True)
+        self.progress = tqdm(total=max_iters, initial=start_iter, disable=not dist.is_main, dynamic_ncols=True)
+
+    def losses(self, iteration: int, means: dict[str, float], optimizer: torch.optim.Optimizer) -> None:
+        lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+        if self.writer:
+            for name, value in means.items():
+                self.writer.add_scalar(f"loss/{name}", value, iteration)
+            for name, lr in lrs.items():
+                self.writer.add_scalar(f"lr/{name}", lr, iteration)
+        self.progress.set_postfix(loss=f"{sum(means.values()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+
+    def validation(self, iteration: int, metrics: dict, best: dict) -> None:
+        if self.dist.is_main:
+            self.progress.write(f"iteration {iteration}: val mIoU {metrics['mIoU']} (best {best['mIoU']})")
+
+    def finish(self, progress: Progress, metrics: dict) -> None:
+        """metrics.json (schema in docs/architecture.md) and the per-class table."""
+        self.progress.close()
+        if not self.dist.is_main:
+            return
+        cfg = self.cfg
+        summary = {
+            "config_name": cfg.name,
+            "synthetic": any(d.name == "synthetic" for d in (cfg.data.source, cfg.data.target, cfg.data.val)),
+            "seed": cfg.seed, "model": cfg.model.name, "backbone": cfg.model.backbone, "adapt": cfg.adapt.name,
+            "iterations": progress.iteration, "wall_time_s": round(progress.wall_time(), 1),
+            "final": metrics, "best": progress.best, "classes": list(CLASS_NAMES), "config": to_dict(cfg),
+        }
+        (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        print(iou_table({cfg.name: metrics}), flush=True)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.writer:
+            self.writer.close()
 
 
 class StopRequest:
@@ -190,217 +535,18 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
+    def agreed(self, at_sync_point: bool, dist: runtime.Distributed) -> bool:
+        """Whether to stop now. Ranks must agree, so under DDP they compare notes at sync points only."""
+        if not dist.enabled:
+            return self.requested
+        if not at_sync_point:
+            return False
+        flag = torch.tensor([float(self.requested)], device=dist.device)
+        return bool(runtime.all_reduce_sum(flag) > 0)
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------------------------------------- train
-def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None) -> Path:
-    """Train `cfg` to the end (or to a stop request) and return the run folder."""
-    dist = runtime.init_distributed()
-    runtime.seed_everything(cfg.seed, cfg.train.deterministic)  # every rank builds the same model and strategy
-    device, work_dir = dist.device, Path(work_dir)
-    t = cfg.train
-    if t.batch_size % dist.world_size:
-        raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by the {dist.world_size} processes")
-    per_rank_batch = t.batch_size // dist.world_size
-
-    # data
-    source_set = build_dataset(cfg.data.source, cfg, "source")
-    val_set = build_dataset(cfg.data.val, cfg, "val")
-    epoch_steps = steps_per_epoch(len(source_set), per_rank_batch, dist.world_size, "source")
-    max_iters = t.iters if t.iters is not None else t.epochs * epoch_steps
-
-    # model, strategy, optimiser, schedule, AMP
-    model = build_model(cfg.model).to(device)
-    if t.sync_bn and dist.enabled:
-        if device.type != "cuda":
-            raise ConfigError("train.sync_bn = true needs CUDA (SyncBatchNorm has no CPU kernel); set it to false")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    strategy = build_strategy(cfg, model).to(device)
-    optimizer = build_optimizer(model, cfg)
-    lr_factor = poly_schedule(max_iters, t.poly_power, t.warmup_iters)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    amp_dtype = runtime.autocast_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ctx = StepContext(max_iters, device, amp_dtype, scaler, lr_factor)
-    if dist.enabled:  # ...but draws its own random numbers while training
-        runtime.seed_everything(cfg.seed + dist.rank, t.deterministic)
-
-    # resume
-    start_iter, best, wall_before = 0, {"mIoU": -1.0, "iteration": 0, "IoU": {}}, 0.0
-    checkpoint_path = find_resume_checkpoint(resume, work_dir, cfg) if resume else None
-    if resume == "auto" and checkpoint_path is None and dist.is_main:
-        print(f"--resume auto: no run of {cfg.name} in {work_dir} to resume; starting a new one", flush=True)
-    if checkpoint_path is not None:
-        state = runtime.load_checkpoint(checkpoint_path, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        strategy.load_state_dict(state["strategy"])
-        runtime.set_rng_state(state["rng"][dist.rank % len(state["rng"])])
-        start_iter, best, wall_before = state["iteration"], state["best"], state["wall_time_s"]
-        run_dir = checkpoint_path.parent
-    else:
-        run_dir = new_run_dir(work_dir, cfg) if dist.is_main else None
-    run_dir = Path(runtime.broadcast_object(str(run_dir) if run_dir else None))
-
-    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.enabled else model
-    source_batches = endless_batches(source_set, per_rank_batch, cfg.seed, dist, t.workers, start_iter)
-    target_batches = None
-    if strategy.needs_target:
-        target_set = build_dataset(cfg.data.target, cfg, "target")
-        steps_per_epoch(len(target_set), per_rank_batch, dist.world_size, "target")
-        target_batches = endless_batches(target_set, per_rank_batch, cfg.seed + 1, dist, t.workers, start_iter)
-    val_batches = val_loader(val_set, cfg, dist)
-
-    writer = None
-    if dist.is_main:
-        dump_config(cfg, run_dir / "config.yaml")
-        writer = SummaryWriter(str(run_dir), purge_step=start_iter)
-        print(f"run folder: {run_dir}  ({'resumed at iteration %d' % start_iter if start_iter else 'new run'}, "
-              f"{max_iters} iterations, {dist.world_size} process(es), device {device})", flush=True)
-
-    def save_best(iteration: int) -> None:
-        """best.pt: the weights to evaluate or deploy (a resume continues from last.pt)."""
-        if dist.is_main:
-            runtime.save_checkpoint({"iteration": iteration, "model": model.state_dict(), "best": best,
-                                     "config_name": cfg.name}, run_dir / "best.pt")
-
-    def checkpoint(path: Path, iteration: int) -> None:
-        """Save everything a resume needs; every rank contributes its RNG state, rank 0 writes."""
-        rng = [runtime.rng_state()]
-        if dist.enabled:
-            rng = [None] * dist.world_size
-            torch.distributed.all_gather_object(rng, runtime.rng_state())
-        if dist.is_main:
-            runtime.save_checkpoint({
-                "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "strategy": strategy.state_dict(), "rng": rng, "best": best,
-                "wall_time_s": wall_before + time.perf_counter() - started, "config_name": cfg.name,
-            }, path)
-
-    def check_finite(iteration: int, weights: bool = False) -> None:
-        """One host sync: did any loss since the last check (or, before a save, any weight) stop being finite?"""
-        ok = finite if not weights else finite & weights_finite(model)
-        bad = runtime.all_reduce_sum((~ok).float().reshape(1))  # every rank stops together
-        if bool(bad > 0):
-            last = run_dir / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
-            raise TrainingDiverged(f"loss or weights became NaN/inf by iteration {iteration} of {cfg.name}; {kept}. "
-                                   f"Lower train.lr (now {t.lr:g}) or check the data")
-
-    def validate(iteration: int) -> dict:
-        vis = []
-
-        def keep_for_display(batch, pred):
-            for i in range(min(len(pred), t.vis_images - len(vis))):
-                vis.append((batch["image"][i], batch["label"][i], pred[i]))
-
-        model.eval()
-        confusion = evaluate([model], val_batches, device, cfg.model.num_classes,  # float32: exact scores
-                             on_batch=keep_for_display if dist.is_main and writer else None)
-        model.train()
-        metrics = metrics_from_confusion(confusion)
-        if writer:
-            writer.add_scalar("val/mIoU", metrics["mIoU"], iteration)
-            for name, value in metrics["IoU"].items():
-                if value is not None:
-                    writer.add_scalar(f"val/IoU/{name}", value, iteration)
-            for i, (image, label, pred) in enumerate(vis):
-                writer.add_image(f"val/prediction/{i}", prediction_panel(image, label, pred), iteration)
-        return metrics
-
-    # loop
-    started = time.perf_counter()
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    loss_sums: dict[str, torch.Tensor] = {}
-    logged_since = 0
-    model.train()
-    progress = tqdm(total=max_iters, initial=start_iter, disable=not dist.is_main, dynamic_ncols=True)
-    iteration = start_iter
-    with StopRequest() as stop:
-        while iteration < max_iters:
-            ctx.iteration = iteration
-            source = to_device(next(source_batches), device)
-            target = to_device(next(target_batches), device) if target_batches else None
-            losses = train_step(train_model, strategy, optimizer, scheduler, source, target, ctx)
-            iteration += 1
-            progress.update()
-
-            total = sum(losses.values())
-            finite &= torch.isfinite(total)
-            for name, value in losses.items():
-                loss_sums[name] = loss_sums.get(name, 0.0) + value.float()
-            logged_since += 1
-
-            at_end = iteration == max_iters
-            stop_now = stop.requested
-            if dist.enabled:  # ranks must agree: they compare notes at logging intervals only
-                stop_now = False
-                if iteration % t.log_interval == 0 or at_end:
-                    flag = torch.tensor([float(stop.requested)], device=device)
-                    stop_now = bool(runtime.all_reduce_sum(flag) > 0)
-            if iteration % t.log_interval == 0 or at_end or stop_now:
-                check_finite(iteration)
-                means = dict(zip(loss_sums, (torch.stack(list(loss_sums.values())) / logged_since).tolist()))
-                lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
-                if writer:
-                    for name, value in means.items():
-                        writer.add_scalar(f"loss/{name}", value, iteration)
-                    for name, lr in lrs.items():
-                        writer.add_scalar(f"lr/{name}", lr, iteration)
-                progress.set_postfix(loss=f"{sum(means.values()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                loss_sums, logged_since = {}, 0
-            if (t.eval_interval and iteration % t.eval_interval == 0) or at_end:
-                metrics = validate(iteration)
-                if metrics["mIoU"] is not None and metrics["mIoU"] > best["mIoU"]:
-                    best = {"mIoU": metrics["mIoU"], "iteration": iteration, "IoU": metrics["IoU"]}
-                    check_finite(iteration, weights=True)
-                    save_best(iteration)
-                if dist.is_main:
-                    progress.write(f"iteration {iteration}: val mIoU {metrics['mIoU']} (best {best['mIoU']})")
-            if iteration % t.checkpoint_interval == 0 or at_end or stop_now:
-                check_finite(iteration, weights=True)
-                checkpoint(run_dir / "last.pt", iteration)
-            if stop_now and not at_end:
-                progress.close()
-                if dist.is_main:
-                    print(f"stopped at iteration {iteration}; resume with --resume {run_dir / 'last.pt'}", flush=True)
-                if writer:
-                    writer.close()
-                return run_dir
-    progress.close()
-
-    if start_iter == max_iters:  # resumed a finished run: score it again
-        metrics = validate(iteration)
-    if dist.is_main:
-        wall_time = wall_before + time.perf_counter() - started
-        summary = {
-            "config_name": cfg.name,
-            "synthetic": any(d.name == "synthetic" for d in (cfg.data.source, cfg.data.target, cfg.data.val)),
-            "seed": cfg.seed, "model": cfg.model.name, "backbone": cfg.model.backbone, "adapt": cfg.adapt.name,
-            "iterations": iteration, "wall_time_s": round(wall_time, 1),
-            "final": metrics, "best": best, "classes": list(CLASS_NAMES), "config": to_dict(cfg),
-        }
-        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        print(iou_table({cfg.name: metrics}), flush=True)
-        writer.close()
-    return run_dir
-
-
-def prediction_panel(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """[image | ground truth | prediction] side by side, uint8 CHW, at the label's size."""
-    size = label.shape[-2:]
-    image = image.float()[None]
-    if image.shape[-2:] != size:
-        image = nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
-    image = image[0].round().clamp(0, 255).to(torch.uint8).cpu()
-    return torch.cat([image, colorize(label.cpu()), colorize(pred.cpu())], dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

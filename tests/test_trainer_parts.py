@@ -1,0 +1,86 @@
+"""The trainer's pieces on their own: the divergence guard, the loss meter, checkpoints of the parts, the
+stop flag, and the experiment runners that moved to benchmark.py."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark
+import runtime
+import train
+from config import load_config
+from conftest import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE_ONLY = REPO / "configs" / "synthetic" / "gta5_bisenet.yaml"
+
+
+def test_loss_meter_averages_since_the_last_pop():
+    meter = train.LossMeter()
+    meter.update({"seg": torch.tensor(1.0), "adv": torch.tensor(0.5)})
+    meter.update({"seg": torch.tensor(3.0), "adv": torch.tensor(1.5)})
+    assert meter.pop_means() == {"seg": 2.0, "adv": 1.0}
+    meter.update({"seg": torch.tensor(5.0), "adv": torch.tensor(0.0)})
+    assert meter.pop_means() == {"seg": 5.0, "adv": 0.0}
+
+
+def test_divergence_guard_names_the_iteration_and_the_checkpoint(tmp_path):
+    cfg = load_config(SOURCE_ONLY)
+    model = torch.nn.Linear(2, 2)
+    guard = train.DivergenceGuard(cfg, model, tmp_path / "last.pt", torch.device("cpu"))
+    guard.update({"seg": torch.tensor(1.0)})
+    guard.check(1, weights=True)  # finite: nothing happens
+    guard.update({"seg": torch.tensor(math.nan)})
+    guard.update({"seg": torch.tensor(1.0)})  # a later finite loss does not clear it
+    with pytest.raises(train.TrainingDiverged, match="by iteration 7 .*no checkpoint was written"):
+        guard.check(7)
+
+    guard = train.DivergenceGuard(cfg, model, tmp_path / "last.pt", torch.device("cpu"))
+    (tmp_path / "last.pt").write_bytes(b"")
+    with torch.no_grad():
+        model.weight[0, 0] = math.inf
+    guard.check(3)  # losses only: weights are not looked at
+    with pytest.raises(train.TrainingDiverged, match="last good checkpoint is .*last.pt"):
+        guard.check(3, weights=True)
+
+
+def test_parts_round_trip_through_the_checkpointer(tmp_path):
+    cfg = load_config(SOURCE_ONLY, tiny_overrides(tmp_path))
+    dist = runtime.Distributed()
+    runtime.seed_everything(0)
+    parts = train.build_parts(cfg, dist, max_iters=10)
+    parts.optimizer.step()
+    parts.scheduler.step()  # state that differs from a fresh build
+    checkpointer = train.Checkpointer(cfg, tmp_path, parts, dist)
+    progress = train.Progress(iteration=5, best={"mIoU": 12.5, "iteration": 4, "IoU": {}})
+    checkpointer.save_last(progress)
+    checkpointer.save_weights(checkpointer.best, progress)
+
+    runtime.seed_everything(1)
+    fresh = train.build_parts(cfg, dist, max_iters=10)
+    state = runtime.load_checkpoint(checkpointer.last)
+    fresh.load_state_dict(state)
+    assert state["iteration"] == 5 and state["best"]["mIoU"] == 12.5 and state["config_name"] == cfg.name
+    for name, value in parts.model.state_dict().items():
+        assert torch.equal(value, fresh.model.state_dict()[name]), name
+    assert fresh.scheduler.last_epoch == 1
+    best = runtime.load_checkpoint(checkpointer.best)
+    assert set(best) == {"iteration", "model", "best", "config_name"}  # weights only
+
+
+def test_stop_request_without_ddp_is_the_flag_itself():
+    stop = train.StopRequest()
+    assert not stop.agreed(False, runtime.Distributed())
+    stop.requested = True
+    assert stop.agreed(False, runtime.Distributed())
+
+
+def test_step_cost_runs_from_benchmark_py(capsys):
+    small = ["data.source.size=[64,32]", "data.target.size=[64,32]", "train.batch_size=2"]
+    configs = [str(SOURCE_ONLY), str(REPO / "configs" / "synthetic" / "gta5_bisenet_fda_b0.09.yaml")]
+    assert benchmark.main(["--step-cost", *configs, "--rounds", "1", "--iters", "1", *small]) == 0
+    out = capsys.readouterr().out
+    assert "| gta5_bisenet | " in out and "| gta5_bisenet_fda_b0.09 | " in out and "1.00 |" in out
