@@ -81,9 +81,9 @@ class Adversarial(Strategy):
 
         a = cfg.adapt
         if a.multi_level and cfg.model.name == "deeplabv2" and not cfg.model.aux_head:
-            raise ValueError("adapt.multi_level = true needs an auxiliary output: set model.aux_head = true")
+            raise ConfigError("adapt.multi_level = true needs an auxiliary output: set model.aux_head = true")
         if len(a.d_betas) != 2:
-            raise ValueError(f"adapt.d_betas = {a.d_betas!r}: expected two numbers, e.g. [0.9, 0.99]")
+            raise ConfigError(f"adapt.d_betas = {a.d_betas!r}: expected two numbers, e.g. [0.9, 0.99]")
         levels = ["main", "aux"] if a.multi_level else ["main"]
         self.discriminators = nn.ModuleDict(
             {level: build_discriminator(a.discriminator, cfg.model.num_classes) for level in levels})
@@ -114,7 +114,7 @@ class Adversarial(Strategy):
         discriminators.requires_grad_(True)
 
         # Discriminators: on detached softmaxes, so this step never reaches the segmentation network.
-        self.d_optimizer.zero_grad(set_to_none=True)
+        ctx.zero_grad(self.d_optimizer)
         for group in self.d_optimizer.param_groups:
             group["lr"] = a.d_lr * ctx.lr_factor  # the model's poly schedule
         with ctx.autocast():
@@ -122,7 +122,8 @@ class Adversarial(Strategy):
             loss_d = loss_d + sum(0.5 * self._gan(discriminators[k](p.detach()), a.target_label)
                                   for k, p in probs_t.items())
         ctx.backward(loss_d)
-        _average_across_processes(self.discriminators)
+        if ctx.last_micro_step:
+            _average_across_processes(self.discriminators)
         ctx.step(self.d_optimizer)
 
         losses = {"seg": loss_seg.detach(), "disc": loss_d.detach()}
@@ -194,11 +195,16 @@ class FDA(Strategy):
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
         if not 0.0 <= cfg.adapt.beta < 0.5:
-            raise ValueError(f"adapt.beta = {cfg.adapt.beta}: expected 0 <= beta < 0.5 (FDA uses 0.01, 0.05, 0.09)")
+            raise ConfigError(f"adapt.beta = {cfg.adapt.beta}: expected 0 <= beta < 0.5 (FDA uses 0.01, 0.05, 0.09)")
         self.self_supervised = cfg.data.target.pseudo_labels is not None
         crop, src = cfg.adapt.crop, cfg.data.source.size
         if crop is not None and (len(crop) != 2 or crop[0] > src[0] or crop[1] > src[1]):
-            raise ValueError(f"adapt.crop = {crop}: expected [width, height] no larger than data.source.size {src}")
+            raise ConfigError(f"adapt.crop = {crop}: expected [width, height] no larger than data.source.size {src}")
+        width, height = cfg.adapt.crop or cfg.data.source.size
+        if cfg.adapt.beta > 0 and math.floor(min(width, height) * cfg.adapt.beta) == 0:
+            raise ConfigError(f"adapt.beta = {cfg.adapt.beta}: its band floor(min(H, W) * beta) is 0 pixels at the "
+                              f"configured size {width}x{height}, so FDA would swap nothing; raise beta to at least "
+                              f"{1 / min(width, height):.3g} or the image size (beta 0 turns the transfer off)")
 
     def training_step(self, model, source, target, ctx):
         a, aux_weight = self.cfg.adapt, self.cfg.model.aux_weight
@@ -344,10 +350,10 @@ class DACS(Strategy):
         super().__init__(cfg, model)
         src, tgt, crop = cfg.data.source.size, cfg.data.target.size, cfg.adapt.crop
         if crop is None and src != tgt:
-            raise ValueError(f"adapt.name = dacs mixes source and target pixel for pixel: data.source.size {src} "
+            raise ConfigError(f"adapt.name = dacs mixes source and target pixel for pixel: data.source.size {src} "
                              f"and data.target.size {tgt} must be equal, or set adapt.crop [width, height]")
         if crop is not None and (len(crop) != 2 or crop[0] > min(src[0], tgt[0]) or crop[1] > min(src[1], tgt[1])):
-            raise ValueError(f"adapt.crop = {crop}: expected [width, height] no larger than data.source.size {src} "
+            raise ConfigError(f"adapt.crop = {crop}: expected [width, height] no larger than data.source.size {src} "
                              f"and data.target.size {tgt}")
         self.teacher = copy.deepcopy(model)
         self.teacher.requires_grad_(False)
@@ -404,7 +410,8 @@ def _step_seed(cfg: Config, ctx) -> int:
     different on each DDP process (which holds different images)."""
     dist = torch.distributed
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return (cfg.seed * 1_000_003 + ctx.iteration) * 1024 + rank
+    micro = getattr(ctx, "micro_step", 0)  # gradient accumulation: each micro-batch draws its own
+    return (cfg.seed * 1_000_003 + ctx.iteration) * 1024 + rank + micro * 7_919_000_003
 
 
 def _step_random(cfg: Config, ctx) -> random.Random:
@@ -449,7 +456,7 @@ def build_strategy(cfg: Config, model: nn.Module) -> Strategy:
     try:
         strategy_class = STRATEGIES[cfg.adapt.name]
     except KeyError:
-        raise ValueError(f"adapt.name = {cfg.adapt.name!r}: expected one of {', '.join(STRATEGIES)}") from None
+        raise ConfigError(f"adapt.name = {cfg.adapt.name!r}: expected one of {', '.join(STRATEGIES)}") from None
     return strategy_class(cfg, model)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,6 +157,13 @@ class TrainConfig:
     sync_bn: bool = False
     deterministic: bool = False
     vis_images: int = 4  # validation images drawn into TensorBoard
+    # Gradient accumulation: each iteration runs `accumulate` micro-batches of batch_size / accumulate images
+    # and steps once, so batch_size keeps its meaning (the global batch) with less memory.
+    accumulate: int = 1
+    # Stop cleanly (last.pt saved) once this session has trained this long, e.g. "3h30m", "90m" or seconds;
+    # `--resume auto` continues. Leave a margin for one validation and one checkpoint before a hard limit.
+    max_wall_time: str | float | None = None
+    keep_every: int = 0  # also keep the weights every N iterations in snapshots/iter_NNNNNNN.pt; 0 = off
 
 
 @dataclass
@@ -201,8 +209,96 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> Config:
-    """Validate a plain nested dict against the schema and build the Config."""
-    return _build(Config, raw, prefix="", source=source)
+    """Validate a plain nested dict against the schema (types, choices, value ranges) and build the Config."""
+    cfg = _build(Config, raw, prefix="", source=source)
+    check_ranges(cfg, source)
+    return cfg
+
+
+# Allowed values of numeric keys as intervals: `[` `]` inclusive, `(` `)` exclusive; a null value is not checked.
+RANGES = {
+    "train.epochs": "[1, inf)", "train.iters": "[1, inf)", "train.batch_size": "[1, inf)",
+    "train.lr": "[0, inf)", "train.momentum": "[0, 1)", "train.weight_decay": "[0, inf)",
+    "train.head_lr_mult": "(0, inf)", "train.poly_power": "[0, inf)", "train.warmup_iters": "[0, inf)",
+    "train.workers": "[0, inf)", "train.log_interval": "[1, inf)", "train.eval_interval": "[0, inf)",
+    "train.checkpoint_interval": "[1, inf)", "train.vis_images": "[0, inf)", "train.accumulate": "[1, inf)",
+    "train.keep_every": "[0, inf)",
+    "eval.batch_size": "[1, inf)", "model.num_classes": "[1, inf)", "model.aux_weight": "[0, inf)",
+    "adapt.lambda_adv": "[0, inf)", "adapt.lambda_adv_aux": "[0, inf)", "adapt.d_lr": "[0, inf)",
+    "adapt.beta": "[0, 0.5)", "adapt.entropy_weight": "[0, inf)", "adapt.entropy_start": "[0, inf)",
+    "adapt.pseudo_weight": "[0, inf)", "adapt.pseudo_percentile": "[0, 1]", "adapt.pseudo_cap": "[0, 1]",
+    "adapt.mix_fraction": "(0, 1]", "adapt.ema_alpha": "[0, 1]", "adapt.pseudo_threshold": "[0, 1]",
+    "adapt.jitter_p": "[0, 1]", "adapt.blur_p": "[0, 1]", "adapt.mix_weight": "[0, inf)",
+    "data.synthetic.num_source": "[1, inf)", "data.synthetic.num_target": "[1, inf)",
+    "data.synthetic.num_val": "[1, inf)", "data.synthetic.height": "[8, inf)", "data.synthetic.width": "[8, inf)",
+    **{f"data.augment.{p}": "[0, 1]" for p in ("hflip", "scale_crop", "color_jitter", "blur", "brightness",
+                                                "noise", "grayscale")},
+}
+
+
+def check_ranges(cfg: Config, source: str = "<dict>") -> None:
+    """Every key of RANGES within its range: an error names the key, the value and the range."""
+    for key, interval in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        low, high = (float(v) for v in interval[1:-1].split(","))
+        too_low = value < low if interval[0] == "[" else value <= low
+        too_high = value > high if interval[-1] == "]" else value >= high
+        if too_low or too_high:
+            raise ConfigError(f"{source}: `{key}` = {value!r} is out of range: expected a value in {interval}")
+    if cfg.train.max_wall_time is not None:
+        try:
+            parse_duration(cfg.train.max_wall_time)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: `train.max_wall_time` = {cfg.train.max_wall_time!r}: {exc}") from None
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds in a duration: a number of seconds, or text such as "3h30m", "90m", "45s", "1h"."""
+    if isinstance(value, str):
+        try:
+            value = float(value)  # PyYAML reads `1e-3` (no dot) as a string
+        except ValueError:
+            pass
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", value)
+        if not match or not any(match.groups()):
+            raise ValueError("expected seconds or a duration such as 3h30m, 90m or 45s")
+        h, m, sec = (float(g) if g else 0.0 for g in match.groups())
+        seconds = 3600 * h + 60 * m + sec
+    if seconds <= 0:
+        raise ValueError("expected a positive duration")
+    return seconds
+
+
+# Keys that do not change what a run learns: a resume may change them freely (the others must match the run's
+# config unless `--apply-changes` is given).
+RESUME_FREE_KEYS = ("name", "train.workers", "train.log_interval", "train.checkpoint_interval", "train.eval_interval",
+                    "train.vis_images", "train.max_wall_time", "train.keep_every", "eval.batch_size",
+                    "data.source.root", "data.target.root", "data.val.root")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}"""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def learning_differences(old: dict, new: dict) -> dict[str, tuple]:
+    """{dotted key: (old, new)} for the keys, other than RESUME_FREE_KEYS, whose values differ."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k)}
 
 
 def to_dict(cfg: Any) -> dict:
@@ -213,11 +309,31 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}: key `{key}` appears twice in one section (lines {seen[key]} "
+                                  f"and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _StrictLoader(path.read_text())
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if data is None:

@@ -19,7 +19,10 @@ means the same thing on any number of GPUs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -36,7 +39,7 @@ from tqdm import tqdm
 
 import runtime
 from adapt import STRATEGIES, Strategy, build_strategy
-from config import Config, ConfigError, dump_config, load_config, to_dict
+from config import Config, ConfigError, dump_config, learning_differences, load_config, parse_duration, to_dict
 from datasets import DatasetError, build_dataset
 from eval import CLASS_NAMES, colorize, evaluate, iou_table, metrics_from_confusion
 from models import build_model
@@ -46,29 +49,67 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite."""
 
 
+class DataFault(DatasetError):
+    """A data file that broke during training (last.pt was saved first)."""
+
+
+def worker_message(exc: BaseException) -> str:
+    """The one-line message of a data error, also when a DataLoader worker wrapped it in its traceback."""
+    text = str(exc).strip()
+    if "Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(("datasets.", "DatasetError")) and ": " in last else last
+
+
 # ---------------------------------------------------------------------------------------------- train
-def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None) -> Path:
-    """Train `cfg` to the end (or to a stop request) and return the run folder."""
+def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None, apply_changes: bool = False,
+          stop: StopRequest | None = None) -> Path:
+    """Train `cfg` to the end (or to a stop) and return the run folder.
+
+    Everything that can be checked is checked before anything is written: a run that fails before its first
+    step leaves no run folder, and a resume touches nothing of the run it names until its state has loaded.
+    `stop` receives SIGINT/SIGTERM (the CLI reads which one stopped the run from it).
+    """
     dist = runtime.init_distributed()
     runtime.seed_everything(cfg.seed, cfg.train.deterministic)  # every rank builds the same model and strategy
     data = build_data(cfg, dist)
+    check_combinations(cfg, dist)
     parts = build_parts(cfg, dist, data.max_iters)
     if dist.enabled:  # ...but draws its own random numbers while training
         runtime.seed_everything(cfg.seed + dist.rank, cfg.train.deterministic)
+    work_dir = Path(work_dir)
+    point = find_resume_point(resume, work_dir, cfg, dist) if resume else None
+    if point is not None:
+        point.check(cfg, apply_changes)
+    check_writable(work_dir, "--work-dir")
 
-    run_dir, progress = open_run(cfg, Path(work_dir), resume, parts, dist)
-    log = RunLog(cfg, run_dir, dist, progress.iteration, data.max_iters)
-    batches = data.batches(cfg, dist, parts.strategy.needs_target, progress.iteration)
-    validator = Validator(cfg, parts.model, val_loader(data.val, cfg, dist), dist.device, log.writer)
-    checkpointer = Checkpointer(cfg, run_dir, parts, dist)
-
-    with StopRequest() as stop:
-        metrics = train_loop(cfg, parts, batches, progress, validator, checkpointer, log, stop, dist)
+    run_dir, progress = open_run(cfg, work_dir, point, parts, dist)
+    fresh = point is None
+    stop = stop or StopRequest()
+    log = None
+    try:
+        if point is not None and point.changes:
+            point.record(run_dir, cfg, parts, dist)
+        log = RunLog(cfg, run_dir, dist, progress.iteration, data.max_iters, write_config=fresh or bool(point.changes))
+        batches = data.batches(cfg, dist, parts.strategy.needs_target, progress.iteration)
+        validator = Validator(cfg, parts.model, val_loader(data.val, cfg, dist), dist.device, log.writer)
+        checkpointer = Checkpointer(cfg, run_dir, parts, dist)
+        with stop:
+            metrics = train_loop(cfg, parts, batches, progress, validator, checkpointer, log, stop, dist)
+    except BaseException:
+        if log is not None:
+            log.close()
+        if fresh and progress.iteration == 0 and dist.is_main:  # failed before its first step: leave nothing
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if metrics is not None:
         log.finish(progress, metrics)
     log.close()
     if metrics is None and dist.is_main:  # stopped early: last.pt holds everything a resume needs
-        print(f"stopped at iteration {progress.iteration}; resume with --resume {run_dir / 'last.pt'}", flush=True)
+        why = "train.max_wall_time reached" if stop.reason == "wall time" else "stopped"
+        print(f"{why} at iteration {progress.iteration}; saved {run_dir / 'last.pt'}. Continue with "
+              f"--resume auto (or --resume {run_dir / 'last.pt'})", flush=True)
     return run_dir
 
 
@@ -83,10 +124,19 @@ def train_loop(cfg: Config, parts: Parts, batches, progress: Progress, validator
     losses_seen = LossMeter()
     metrics = None
     source_batches, target_batches = batches
+    wall_limit = parse_duration(t.max_wall_time) if t.max_wall_time is not None else None
     while progress.iteration < max_iters:
         parts.ctx.iteration = progress.iteration
-        source = to_device(next(source_batches), dist.device)
-        target = to_device(next(target_batches), dist.device) if target_batches else None
+        try:
+            source = to_device(next(source_batches), dist.device)
+            target = to_device(next(target_batches), dist.device) if target_batches else None
+        except DatasetError as exc:  # a file broke after the pre-flight check: stop as Ctrl-C would
+            if progress.iteration == 0:  # nothing learned yet: nothing to save (and no run folder is kept)
+                raise DataFault(f"{worker_message(exc)} (before the first step)") from None
+            guard.check(progress.iteration, weights=True)
+            checkpointer.save_last(progress)
+            raise DataFault(f"{worker_message(exc)} (at iteration {progress.iteration}; saved "
+                            f"{checkpointer.last}, resume with --resume auto once the file is fixed)") from None
         losses = train_step(parts.train_model, parts.strategy, parts.optimizer, parts.scheduler, source, target,
                             parts.ctx)
         progress.iteration += 1
@@ -96,6 +146,8 @@ def train_loop(cfg: Config, parts: Parts, batches, progress: Progress, validator
         log.progress.update()
 
         at_end = iteration == max_iters
+        if wall_limit is not None and time.perf_counter() - progress.started >= wall_limit:
+            stop.request("wall time")  # a host-side clock read: no device sync
         stop_now = stop.agreed(iteration % t.log_interval == 0 or at_end, dist)
         if iteration % t.log_interval == 0 or at_end or stop_now:
             guard.check(iteration)
@@ -107,6 +159,9 @@ def train_loop(cfg: Config, parts: Parts, batches, progress: Progress, validator
                 guard.check(iteration, weights=True)
                 checkpointer.save_weights(checkpointer.best, progress)
             log.validation(iteration, metrics, progress.best)
+        if t.keep_every and iteration % t.keep_every == 0:
+            guard.check(iteration, weights=True)
+            checkpointer.save_weights(checkpointer.snapshot(iteration), progress)
         if iteration % t.checkpoint_interval == 0 or at_end or stop_now:
             guard.check(iteration, weights=True)
             checkpointer.save_last(progress)
@@ -119,43 +174,82 @@ def train_loop(cfg: Config, parts: Parts, batches, progress: Progress, validator
 
 # ------------------------------------------------------------------------------------ step context
 class StepContext:
-    """What a strategy may use inside `training_step`: the iteration, autocast, and the AMP-aware backward/step."""
+    """What a strategy may use inside `training_step`: the iteration, autocast, and the AMP-aware backward/step.
+
+    With `train.accumulate` = N the trainer calls `training_step` N times per iteration on micro-batches
+    (`micro_step` 0..N-1). `backward` scales each loss by 1/N, and a strategy-owned optimiser is zeroed by
+    `zero_grad` on the first micro-batch and stepped by `step` on the last, so an iteration still means one
+    optimiser step on the whole batch.
+    """
 
     def __init__(self, max_iters: int, device: torch.device, amp_dtype: torch.dtype | None,
-                 scaler: torch.amp.GradScaler, lr_factor):
+                 scaler: torch.amp.GradScaler, lr_factor, accumulate: int = 1):
         self.iteration = 0
         self.max_iters = max_iters
         self.device = device
         self.amp_dtype = amp_dtype
         self.scaler = scaler
         self._lr_factor = lr_factor
+        self.accumulate = accumulate
+        self.micro_step = 0
 
     @property
     def lr_factor(self) -> float:
         """The schedule's multiplier at this iteration (poly decay after warm-up), for strategy-owned optimisers."""
         return self._lr_factor(self.iteration)
 
+    @property
+    def last_micro_step(self) -> bool:
+        return self.micro_step == self.accumulate - 1
+
     def autocast(self):
         return runtime.autocast(self.device, self.amp_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero a strategy-owned optimiser's gradients (on the first micro-batch of an iteration only)."""
+        if self.micro_step == 0:
+            optimizer.zero_grad(set_to_none=True)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step an optimiser the strategy owns (e.g. a discriminator's); the trainer updates the scaler once."""
-        self.scaler.step(optimizer)
+        """Step an optimiser the strategy owns (e.g. a discriminator's) on the last micro-batch; the trainer
+        updates the scaler once."""
+        if self.last_micro_step:
+            self.scaler.step(optimizer)
 
 
 def train_step(model, strategy, optimizer, scheduler, source: dict, target: dict | None,
                ctx: StepContext) -> dict[str, torch.Tensor]:
-    """One iteration of every strategy: the strategy's losses and backward, then the model's optimiser step."""
+    """One iteration of every strategy: the strategy's losses and backward (per micro-batch when accumulating),
+    then the model's optimiser step. Returns the losses averaged over the micro-batches."""
     optimizer.zero_grad(set_to_none=True)
-    losses = strategy.training_step(model, source, target, ctx)
+    if ctx.accumulate == 1:
+        losses = strategy.training_step(model, source, target, ctx)
+    else:
+        losses = {}
+        sources = split_batch(source, ctx.accumulate)
+        targets = split_batch(target, ctx.accumulate) if target is not None else [None] * ctx.accumulate
+        for ctx.micro_step, (src, tgt) in enumerate(zip(sources, targets)):
+            # DDP: reduce gradients once, in the last micro-batch's backward passes
+            sync = ctx.last_micro_step or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                micro = strategy.training_step(model, src, tgt, ctx)
+            for name, value in micro.items():
+                losses[name] = losses.get(name, 0.0) + value / ctx.accumulate
+        ctx.micro_step = 0
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
     strategy.after_step(model, ctx)
     scheduler.step()
     return losses
+
+
+def split_batch(batch: dict, chunks: int) -> list[dict]:
+    """A batch as `chunks` equal micro-batches (tensors and lists split along the batch dimension)."""
+    size = len(batch["image"]) // chunks
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(chunks)]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -275,7 +369,7 @@ def build_parts(cfg: Config, dist: runtime.Distributed, max_iters: int) -> Parts
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     amp_dtype = runtime.autocast_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ctx = StepContext(max_iters, device, amp_dtype, scaler, lr_factor)
+    ctx = StepContext(max_iters, device, amp_dtype, scaler, lr_factor, t.accumulate)
     # DDP wraps the model only for the loop; the unwrapped model is what is saved, restored and validated.
     train_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                    if dist.enabled else model)
@@ -320,19 +414,131 @@ class Progress:
         return self.wall_before + time.perf_counter() - self.started
 
 
-def open_run(cfg: Config, work_dir: Path, resume: str | None, parts: Parts,
+# Keys that decide which tensors a checkpoint holds: no resume can change them.
+STRUCTURE_KEYS = ("model.name", "model.backbone", "model.num_classes", "model.aux_head", "model.aspp_dilations",
+                  "model.resnet_variant", "adapt.name", "adapt.multi_level", "adapt.discriminator")
+
+
+class ResumePoint:
+    """The checkpoint a resume continues from, read and checked before anything is written.
+
+    `changes` ({key: (old, new)}) are the keys that change what is learned whose values differ from the
+    checkpoint's config; a resume with changes stops unless they are applied on purpose (`--apply-changes`).
+    """
+
+    def __init__(self, path: Path, state: dict, saved_config: dict):
+        self.path, self.state, self.saved_config = path, state, saved_config
+        self.changes: dict[str, tuple] = {}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+    def describe(self) -> str:
+        m, a = self.saved_config.get("model", {}), self.saved_config.get("adapt", {})
+        return (f"{m.get('name')}/{m.get('backbone')} with {m.get('num_classes')} classes, strategy "
+                f"{a.get('name')}, at iteration {self.state.get('iteration')}")
+
+    def check(self, cfg: Config, apply_changes: bool) -> None:
+        """Refuse a checkpoint of another model or strategy, a schedule shorter than the checkpoint's
+        iteration, and (unless applied on purpose) any other change of what is learned."""
+        new = to_dict(cfg)
+        structure = {k: v for k, v in learning_differences(self.saved_config, new).items() if k in STRUCTURE_KEYS}
+        if structure:
+            shown = ", ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in structure.items())
+            raise runtime.CheckpointError(f"--resume {self.path}: it holds {self.describe()}; this config differs "
+                                          f"in what the checkpoint's tensors are ({shown})")
+        if cfg.train.iters is not None and cfg.train.iters < self.state["iteration"]:
+            raise ConfigError(f"train.iters = {cfg.train.iters} is below the iteration of {self.path} "
+                              f"({self.state['iteration']}); a resume can only continue or extend a run")
+        self.changes = learning_differences(self.saved_config, new)
+        if self.changes and not apply_changes:
+            shown = "; ".join(f"{k}: {old!r} in the run, {value!r} now" for k, (old, value) in self.changes.items())
+            raise ConfigError(f"--resume {self.path}: the config differs from the run's in what is learned ({shown}). "
+                              f"Resume with the run's own values, or add --apply-changes to apply them from "
+                              f"iteration {self.state['iteration']} (recorded in resume_log.jsonl)")
+
+    def record(self, run_dir: Path, cfg: Config, parts: Parts, dist: runtime.Distributed) -> None:
+        """Apply the changes for real (learning rates and schedule from the new config) and log them."""
+        apply_new_hyperparameters(parts, cfg)
+        if dist.is_main:
+            entry = {"iteration": self.state["iteration"], "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "changes": {k: list(v) for k, v in self.changes.items()}}
+            with open(run_dir / "resume_log.jsonl", "a") as log:
+                log.write(json.dumps(entry) + "\n")
+            print(f"--apply-changes: from iteration {entry['iteration']}: " + "; ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items()), flush=True)
+
+
+def find_resume_point(resume: str, work_dir: Path, cfg: Config, dist: runtime.Distributed) -> ResumePoint | None:
+    """`auto`: the newest run folder of the config, if it is unfinished and has a last.pt; otherwise the path."""
+    if resume == "auto":
+        runs = sorted((p for p in (work_dir / cfg.name).glob("*") if p.is_dir()), key=lambda p: p.name)
+        if not runs:
+            reason = f"no run of {cfg.name} in {work_dir}"
+        elif (runs[-1] / "metrics.json").exists():
+            reason = (f"the newest run {runs[-1]} is finished (to extend it, name its last.pt and a larger "
+                      f"train.iters with --apply-changes)")
+        elif not (runs[-1] / "last.pt").exists():
+            reason = f"the newest run {runs[-1]} has no last.pt (it stopped before its first checkpoint)"
+        else:
+            return read_resume_point(runs[-1] / "last.pt", dist)
+        if dist.is_main:
+            print(f"--resume auto: {reason}; starting a new run", flush=True)
+        return None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: checkpoint not found")
+    return read_resume_point(path, dist)
+
+
+def read_resume_point(path: Path, dist: runtime.Distributed) -> ResumePoint:
+    state = runtime.load_checkpoint(path, map_location=dist.device)
+    if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
+        raise runtime.CheckpointError(f"--resume {path}: not a checkpoint of this trainer (no iteration and model)")
+    saved = state.get("config")
+    if saved is None and (path.parent / "config.yaml").is_file():  # checkpoints written before the config was kept
+        saved = to_dict(load_config(path.parent / "config.yaml"))
+    point = ResumePoint(path, state, saved or {})
+    if "optimizer" not in state:
+        raise runtime.CheckpointError(f"--resume {path}: it holds weights only ({point.describe()}); resume from "
+                                      f"the last.pt of its run folder, or evaluate it with eval.py")
+    return point
+
+
+def apply_new_hyperparameters(parts: Parts, cfg: Config) -> None:
+    """After loading a checkpoint: the optimiser's hyper-parameters, base learning rates and schedule from `cfg`
+    (a loaded optimiser and scheduler keep the checkpoint's otherwise)."""
+    t = cfg.train
+    base = {"backbone": t.lr, "head": t.lr * t.head_lr_mult}
+    for group in parts.optimizer.param_groups:
+        group["initial_lr"] = base[group["name"]]
+        group["weight_decay"] = t.weight_decay
+        if "momentum" in group:
+            group["momentum"] = t.momentum
+    parts.scheduler.base_lrs = [group["initial_lr"] for group in parts.optimizer.param_groups]
+    factor = parts.ctx._lr_factor
+    parts.scheduler.lr_lambdas = [factor] * len(parts.optimizer.param_groups)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor(parts.scheduler.last_epoch)
+    parts.scheduler._last_lr = [group["lr"] for group in parts.optimizer.param_groups]
+
+
+def open_run(cfg: Config, work_dir: Path, point: ResumePoint | None, parts: Parts,
              dist: runtime.Distributed) -> tuple[Path, Progress]:
-    """A new run folder, or the folder of the checkpoint `resume` names, with the state restored from it."""
-    checkpoint_path = find_resume_checkpoint(resume, work_dir, cfg) if resume else None
-    if resume == "auto" and checkpoint_path is None and dist.is_main:
-        print(f"--resume auto: no run of {cfg.name} in {work_dir} to resume; starting a new one", flush=True)
-    if checkpoint_path is None:
+    """A new run folder, or the folder of the resume point with the state restored from it."""
+    if point is None:
         run_dir = new_run_dir(work_dir, cfg) if dist.is_main else None
         return Path(runtime.broadcast_object(str(run_dir) if run_dir else None)), Progress()
-    state = runtime.load_checkpoint(checkpoint_path, map_location=dist.device)
-    parts.load_state_dict(state)
+    state = point.state
+    try:
+        parts.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:  # tensors of another shape or module
+        first = str(exc).strip().splitlines()[0]
+        raise runtime.CheckpointError(f"--resume {point.path}: it holds {point.describe()}, which does not fit this "
+                                      f"config ({first})") from None
     runtime.set_rng_state(state["rng"][dist.rank % len(state["rng"])])
-    return checkpoint_path.parent, Progress(state["iteration"], state["best"], state["wall_time_s"])
+    return point.run_dir, Progress(state["iteration"], state["best"], state["wall_time_s"])
 
 
 def new_run_dir(work_dir: Path, cfg: Config) -> Path:
@@ -344,15 +550,29 @@ def new_run_dir(work_dir: Path, cfg: Config) -> Path:
     return run_dir
 
 
-def find_resume_checkpoint(resume: str, work_dir: Path, cfg: Config) -> Path | None:
-    """`auto`: last.pt of the newest run of this config (None when there is none); otherwise the path itself."""
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume {resume}: checkpoint not found")
-        return path
-    runs = sorted((work_dir / cfg.name).glob("*/last.pt"), key=lambda p: p.parent.name)
-    return runs[-1] if runs else None
+def check_writable(folder: Path, what: str) -> None:
+    """An output folder must be a folder (or not exist yet) that this process can write into."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {folder}: {existing} is a file, expected a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {folder}: {existing} is not writable")
+
+
+def check_combinations(cfg: Config, dist: runtime.Distributed) -> None:
+    """Model, batch and strategy combinations that cannot train, found before anything is built or written."""
+    t = cfg.train
+    per_rank = t.batch_size // dist.world_size
+    if per_rank % t.accumulate:
+        raise ConfigError(f"train.batch_size = {t.batch_size} on {dist.world_size} process(es) is {per_rank} per "
+                          f"process, not divisible by train.accumulate = {t.accumulate}")
+    micro = per_rank // t.accumulate
+    if cfg.model.name == "bisenet" and micro < 2:
+        raise ConfigError(f"model.name = bisenet trains on at least 2 images per process and micro-batch (its "
+                          f"attention BN pools across the batch); train.batch_size = {t.batch_size} on "
+                          f"{dist.world_size} process(es) with train.accumulate = {t.accumulate} gives {micro}")
 
 
 class Checkpointer:
@@ -373,8 +593,11 @@ class Checkpointer:
         if self.dist.is_main:
             runtime.save_checkpoint({
                 "iteration": progress.iteration, **self.parts.state_dict(), "rng": rng, "best": progress.best,
-                "wall_time_s": progress.wall_time(), "config_name": self.cfg.name,
+                "wall_time_s": progress.wall_time(), "config_name": self.cfg.name, "config": to_dict(self.cfg),
             }, self.last)
+
+    def snapshot(self, iteration: int) -> Path:
+        return self.last.parent / "snapshots" / f"iter_{iteration:07d}.pt"
 
     def save_weights(self, path: Path, progress: Progress) -> None:
         """The weights to evaluate or deploy (best.pt); a resume continues from last.pt."""
@@ -471,11 +694,13 @@ def prediction_panel(image: torch.Tensor, label: torch.Tensor, pred: torch.Tenso
 class RunLog:
     """What rank 0 writes besides checkpoints: config.yaml, TensorBoard, the progress bar, metrics.json."""
 
-    def __init__(self, cfg: Config, run_dir: Path, dist: runtime.Distributed, start_iter: int, max_iters: int):
+    def __init__(self, cfg: Config, run_dir: Path, dist: runtime.Distributed, start_iter: int, max_iters: int,
+                 write_config: bool = True):
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
         self.writer = None
         if dist.is_main:
-            dump_config(cfg, run_dir / "config.yaml")
+            if write_config:  # a new run, or a resume that applied changes (logged in resume_log.jsonl)
+                dump_config(cfg, run_dir / "config.yaml")
             self.writer = SummaryWriter(str(run_dir), purge_step=start_iter)
             print(f"run folder: {run_dir}  ({'resumed at iteration %d' % start_iter if start_iter else 'new run'}, "
                   f"{max_iters} iterations, {dist.world_size} process(es), device {dist.device})", flush=True)
@@ -521,10 +746,17 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.reason: str | None = None  # "SIGINT", "SIGTERM" or "wall time"
+        self.signum: int | None = None
         self._previous = {}
+        self._depth = 0
+
+    def request(self, reason: str) -> None:
+        self.requested, self.reason = True, self.reason or reason
 
     def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
+        self._depth += 1  # re-entrant: the CLI listens from its start, train() again inside
+        if self._depth > 1 or threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be installed from the main thread
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -533,7 +765,8 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = self.signum or signum
+        self.request(signal.Signals(signum).name)
 
     def agreed(self, at_sync_point: bool, dist: runtime.Distributed) -> bool:
         """Whether to stop now. Ranks must agree, so under DDP they compare notes at sync points only."""
@@ -545,8 +778,11 @@ class StopRequest:
         return bool(runtime.all_reduce_sum(flag) > 0)
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -556,20 +792,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
     parser.add_argument("--resume", default=None, help="`auto` (newest run of this config) or a checkpoint path")
     parser.add_argument("--work-dir", default="runs", help="where run folders are created (default: runs)")
+    parser.add_argument("--apply-changes", action="store_true", help="on --resume: apply the overrides that "
+                        "differ from the run's config from the resumed iteration on (logged in resume_log.jsonl)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stop = StopRequest()
     try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg, work_dir=args.work_dir, resume=args.resume)
-    except (ConfigError, DatasetError, FileNotFoundError, runtime.CheckpointError, TrainingDiverged) as exc:
+        with stop:  # a SIGTERM while the run is being built still stops it cleanly after its first step
+            cfg = load_config(args.config, args.overrides)
+            train(cfg, work_dir=args.work_dir, resume=args.resume, apply_changes=args.apply_changes, stop=stop)
+    except DatasetError as exc:
+        print(f"error: {worker_message(exc)}\n  check every file with: python -m datasets --config {args.config} "
+              f"--check", file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError, runtime.CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         runtime.close_distributed()
-    return 0
+    return 128 + stop.signum if stop.signum else 0  # 130 / 143: a scheduler may requeue the job
 
 
 if __name__ == "__main__":

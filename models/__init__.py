@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from config import ModelConfig, from_dict
+from config import ConfigError, ModelConfig, from_dict
 from models.base import SegmentationModel, SegOutput
 from models.bisenet import BiSeNet
 from models.deeplabv2 import DeepLabV2
@@ -31,7 +31,7 @@ def build_deeplabv2(cfg: ModelConfig) -> DeepLabV2:
 
 def build_bisenet(cfg: ModelConfig) -> BiSeNet:
     if cfg.aux_head:
-        raise ValueError("model.aux_head is a DeepLabV2 option; BiSeNet always has its two auxiliary heads")
+        raise ConfigError("model.aux_head is a DeepLabV2 option; BiSeNet always has its two auxiliary heads")
     return BiSeNet(cfg.backbone, cfg.num_classes, freeze_bn=bool(cfg.freeze_bn),
                    resnet_variant=cfg.resnet_variant, input_norm=cfg.input_norm)
 
@@ -47,9 +47,9 @@ def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
         raise TypeError(f"build_model takes the `model` section of a config (ModelConfig or a mapping), "
                         f"got {type(cfg).__name__}")
     if cfg.num_classes < 1:
-        raise ValueError(f"model.num_classes = {cfg.num_classes}: expected a positive number of classes")
+        raise ConfigError(f"model.num_classes = {cfg.num_classes}: expected a positive number of classes")
     if cfg.pretrained == "imagenet" and (cfg.resnet_variant, cfg.input_norm) != ("v1.5", "imagenet"):
-        raise ValueError("model.pretrained = imagenet loads torchvision weights, which need "
+        raise ConfigError("model.pretrained = imagenet loads torchvision weights, which need "
                          "model.resnet_variant: v1.5 and model.input_norm: imagenet")
     model = MODELS[cfg.name](cfg)
     backbone_name = "resnet101" if cfg.name == "deeplabv2" else cfg.backbone

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from config import ConfigError
+
 from models.base import SegmentationModel, freeze_bn_affine
 from models.resnet import build_resnet, resnet_features
 
@@ -39,7 +41,7 @@ class DeepLabV2(SegmentationModel):
                  input_norm: str = "imagenet"):
         super().__init__(input_norm)
         if not aspp_dilations or any(d < 1 for d in aspp_dilations):
-            raise ValueError(f"model.aspp_dilations = {list(aspp_dilations)}: expected a non-empty list of rates >= 1")
+            raise ConfigError(f"model.aspp_dilations = {list(aspp_dilations)}: expected a non-empty list of rates >= 1")
         self.backbone = build_resnet("resnet101", resnet_variant, dilation=(2, 4))
         self.classifier = ASPPClassifier(2048, num_classes, list(aspp_dilations))
         self.aux_heads = nn.ModuleDict(

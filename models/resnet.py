@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from config import ConfigError
+
 # name -> (torchvision builder, its ImageNet weights, channels of layer3 (16x) and layer4 (32x) features)
 RESNETS = {
     "resnet18": (tv_resnet.resnet18, tv_resnet.ResNet18_Weights.IMAGENET1K_V1, 256, 512),
@@ -77,7 +79,7 @@ def load_backbone_weights(net: nn.Module, pretrained: str, name: str, caffe_setu
     else:
         state, source = _read_state_dict(Path(pretrained)), pretrained
         if not caffe_setup and any(k.startswith(("Scale.", "layer5.")) for k in state):
-            raise ValueError(f"model.pretrained = {source}: a caffe-converted DeepLab file; set "
+            raise ConfigError(f"model.pretrained = {source}: a caffe-converted DeepLab file; set "
                              "model.resnet_variant: v1 and model.input_norm: caffe to match its weights")
     state = _backbone_entries(state)
     expected = net.state_dict()
@@ -88,7 +90,7 @@ def load_backbone_weights(net: nn.Module, pretrained: str, name: str, caffe_setu
     for problem, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if keys:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-            raise ValueError(f"model.pretrained = {source}: {len(keys)} {problem} backbone tensors for {name}: {shown}")
+            raise ConfigError(f"model.pretrained = {source}: {len(keys)} {problem} backbone tensors for {name}: {shown}")
     net.load_state_dict(state, strict=False)  # strict checks done above, with a clearer message
     print(f"model.pretrained: loaded {len(state)} backbone tensors from {source}", flush=True)
     return len(state)
@@ -112,12 +114,13 @@ def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with arbitrary objects, ...
-        raise ValueError(f"model.pretrained = {path}: not a readable PyTorch state dict ({exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.pretrained = {path}: not a readable PyTorch state dict ({first})") from None
     for key in ("state_dict", "model"):  # training checkpoints nest the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"model.pretrained = {path}: expected a state dict of tensors")
+        raise ConfigError(f"model.pretrained = {path}: expected a state dict of tensors")
     return state
 
 
@@ -127,7 +130,7 @@ def _torchvision_imagenet_state(name: str) -> dict:
     try:
         return weights.get_state_dict(progress=False)
     except Exception as exc:  # offline: URLError / OSError / HTTP errors
-        raise RuntimeError(
+        raise ConfigError(
             f"model.pretrained = imagenet: could not get the torchvision {name} weights ({exc}). "
             f"Offline, download {weights.url} elsewhere and place it at {target}"
         ) from None

@@ -187,7 +187,7 @@ def test_imagenet_weights_from_the_torch_cache_or_a_clear_offline_error(tmp_path
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     expected_file = tmp_path / "checkpoints" / "resnet18-f37072fd.pth"
-    with pytest.raises(RuntimeError, match=str(expected_file)):
+    with pytest.raises(ConfigError, match=str(expected_file)):
         build_model({"name": "bisenet", "pretrained": "imagenet"})
     expected_file.parent.mkdir(exist_ok=True)
     torch.manual_seed(3)

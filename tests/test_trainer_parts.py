@@ -84,3 +84,53 @@ def test_step_cost_runs_from_benchmark_py(capsys):
     assert benchmark.main(["--step-cost", *configs, "--rounds", "1", "--iters", "1", *small]) == 0
     out = capsys.readouterr().out
     assert "| gta5_bisenet | " in out and "| gta5_bisenet_fda_b0.09 | " in out and "1.00 |" in out
+
+
+def _parts_and_batches(config: Path, accumulate: int, tmp_path: Path):
+    cfg = load_config(config, tiny_overrides(tmp_path, **{"train.batch_size": 4, "train.accumulate": accumulate}))
+    runtime.seed_everything(0)
+    parts = train.build_parts(cfg, runtime.Distributed(), max_iters=10)
+    for module in parts.model.modules():  # per-sample BN (running statistics): micro-batches then add up exactly
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    gen = torch.Generator().manual_seed(0)
+    source = benchmark.random_batch((32, 64), 4, cfg.model.num_classes, torch.device("cpu"), True, gen)
+    target = benchmark.random_batch((32, 64), 4, cfg.model.num_classes, torch.device("cpu"), False, gen)
+    return parts, source, target if parts.strategy.needs_target else None
+
+
+@pytest.mark.parametrize("config", ["gta5_bisenet", "gta5_bisenet_adv"])
+def test_gradient_accumulation_equals_one_big_batch(config, tmp_path):
+    path = REPO / "configs" / "synthetic" / f"{config}.yaml"
+    results = []
+    for accumulate in (1, 2):
+        parts, source, target = _parts_and_batches(path, accumulate, tmp_path)
+        losses = train.train_step(parts.model, parts.strategy, parts.optimizer, parts.scheduler, source, target,
+                                  parts.ctx)
+        results.append((parts, losses))
+    (big, big_losses), (acc, acc_losses) = results
+    assert big_losses.keys() == acc_losses.keys()
+    for name in big_losses:
+        assert float(acc_losses[name]) == pytest.approx(float(big_losses[name]), rel=1e-4), name
+    for (name, a), b in zip(big.model.state_dict().items(), acc.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
+    # The discriminator: the same accumulated gradient, one Adam step (its parameters are compared through the
+    # gradient: Adam's first step is about lr * sign(g), which amplifies float noise where g is near 0).
+    for a, b in zip(big.strategy.parameters(), acc.strategy.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-4)
+    if config == "gta5_bisenet_adv":
+        steps = [int(state["step"]) for state in acc.strategy.d_optimizer.state.values()]
+        assert steps and set(steps) == {1}
+
+
+def test_snapshots_every_keep_every_iterations(tmp_path):
+    from datasets import build_dataset
+
+    root = tmp_path / "data"
+    cfg = load_config(SOURCE_ONLY, tiny_overrides(root, **{"train.keep_every": 2}))
+    build_dataset(cfg.data.source, cfg, "source")
+    run_dir = train.train(cfg, work_dir=tmp_path / "runs")
+    snapshots = sorted(p.name for p in (run_dir / "snapshots").iterdir())
+    assert snapshots == ["iter_0000002.pt", "iter_0000004.pt"]
+    state = runtime.load_checkpoint(run_dir / "snapshots" / "iter_0000002.pt")
+    assert set(state) == {"iteration", "model", "best", "config_name"} and state["iteration"] == 2
