@@ -147,6 +147,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     head_lr_mult: float = 10.0
     poly_power: float = 0.9
+    # Iteration at which poly would reach 0; null = the stop iteration. AdaptSegNet decays over 250k and stops
+    # at 150k (its LR ends at 44% of base), FDA over 150k and stops at 100k (37%). Strategy optimisers follow.
+    poly_horizon: int | None = None
     warmup_iters: int = 0
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA autocast dtype; CPU always runs in float32
     workers: int = 4
