@@ -504,12 +504,13 @@ def write_pseudo_labels(cfg: Config, checkpoints: list[str], out: str | Path, bi
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.train.workers,
                         pin_memory=device.type == "cuda")
     models = load_models(cfg, checkpoints, device)
-    amp_dtype = runtime.autocast_dtype(cfg.train.amp, device)
 
     def predictions():
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
-            confidence, pred = predict_probs(models, images, images.shape[-2:], amp_dtype).max(1)
+            # float32 whatever train.amp says: bf16 logits (8-bit mantissa) would move confidences across the
+            # per-class thresholds, which sit near the 0.9 cap.
+            confidence, pred = predict_probs(models, images, images.shape[-2:], amp_dtype=None).max(1)
             yield batch["name"], pred, confidence
 
     histogram = torch.zeros(num_classes, bins, dtype=torch.int64, device=device)
