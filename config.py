@@ -35,6 +35,9 @@ class DatasetConfig:
     domain: Literal["source", "target"] = "target"
     list_file: str | None = None  # gta5: optional text file of image names (e.g. 00001.png), one per line
     pseudo_labels: str | None = None  # cityscapes: folder of train-id pseudo-label PNGs used as labels
+    # How images are resized to `size` (labels always nearest): `bicubic` is what AdaptSegNet, FDA and DACS do
+    # to GTA5 (PIL BICUBIC; torchvision's antialiased bicubic matches it to 1 grey level).
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
 
 
 @dataclass
