@@ -237,22 +237,27 @@ class FDA(Strategy):
 
 
 def class_mix_masks(labels: torch.Tensor, num_classes: int, fraction: float,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """ClassMix masks [B, H, W]: per image, a random ceil(n * fraction) of the n classes in its label (255 never).
+                    generator: torch.Generator | None = None, ignore_as_class: bool = False) -> torch.Tensor:
+    """ClassMix masks [B, H, W]: per image, a random ceil(n * fraction) of the n classes in its label.
 
+    255 is never chosen, unless `ignore_as_class`: then it counts as one more class and may be chosen (its
+    pixels are pasted with label 255), as DACS's code does (`adapt.mix_ignore_as_class`).
     Vectorised on the device without host syncs: class presence by one bincount, a random subset by ranking
     random scores (absent classes score 2, after every present one).
     """
     b = labels.shape[0]
     flat = labels.reshape(b, -1)
-    ids = torch.where(flat == IGNORE_INDEX, num_classes, flat)  # 255 -> an extra, never chosen column
+    ids = torch.where(flat == IGNORE_INDEX, num_classes, flat)  # 255 -> an extra column
     offsets = torch.arange(b, device=labels.device)[:, None] * (num_classes + 1)
     counts = torch.bincount((ids + offsets).reshape(-1), minlength=b * (num_classes + 1))
-    present = counts.view(b, num_classes + 1)[:, :num_classes] > 0
+    columns = num_classes + 1 if ignore_as_class else num_classes  # candidates: with or without the 255 column
+    present = counts.view(b, num_classes + 1)[:, :columns] > 0
     k = torch.ceil(present.sum(1) * fraction)  # classes to paste per image
-    scores = torch.rand(b, num_classes, device=labels.device, generator=generator).masked_fill(~present, 2.0)
+    scores = torch.rand(b, columns, device=labels.device, generator=generator).masked_fill(~present, 2.0)
     rank = scores.argsort(1).argsort(1)
-    chosen = torch.cat([rank < k[:, None], present.new_zeros(b, 1)], 1)
+    chosen = rank < k[:, None]
+    if not ignore_as_class:
+        chosen = torch.cat([chosen, present.new_zeros(b, 1)], 1)  # 255 never chosen
     return chosen.gather(1, ids).view_as(labels)
 
 
@@ -385,7 +390,7 @@ class DACS(Strategy):
         confidence, pseudo = probs.max(1)
         pseudo_weight = (confidence >= a.pseudo_threshold).float().mean()  # one scalar per batch, as in DACS
 
-        mask = class_mix_masks(source["label"], cfg.model.num_classes, a.mix_fraction, gen)
+        mask = class_mix_masks(source["label"], cfg.model.num_classes, a.mix_fraction, gen, a.mix_ignore_as_class)
         mixed = torch.where(mask[:, None], source["image"], target["image"]).float()
         mixed = color_jitter(mixed, a.jitter_strength, a.jitter_p, gen)
         mixed = gaussian_blur(mixed, a.blur_sigma, a.blur_kernel, a.blur_p, gen)
@@ -510,12 +515,13 @@ def write_pseudo_labels(cfg: Config, checkpoints: list[str], out: str | Path, bi
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.train.workers,
                         pin_memory=device.type == "cuda")
     models = load_models(cfg, checkpoints, device)
-    amp_dtype = runtime.autocast_dtype(cfg.train.amp, device)
 
     def predictions():
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
-            confidence, pred = predict_probs(models, images, images.shape[-2:], amp_dtype).max(1)
+            # float32 whatever train.amp says: bf16 logits (8-bit mantissa) would move confidences across the
+            # per-class thresholds, which sit near the 0.9 cap.
+            confidence, pred = predict_probs(models, images, images.shape[-2:], amp_dtype=None).max(1)
             yield batch["name"], pred, confidence
 
     histogram = torch.zeros(num_classes, bins, dtype=torch.int64, device=device)

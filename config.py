@@ -36,6 +36,9 @@ class DatasetConfig:
     domain: Literal["source", "target"] = "target"
     list_file: str | None = None  # gta5: optional text file of image names (e.g. 00001.png), one per line
     pseudo_labels: str | None = None  # cityscapes: folder of train-id pseudo-label PNGs used as labels
+    # How images are resized to `size` (labels always nearest): `bicubic` is what AdaptSegNet, FDA and DACS do
+    # to GTA5 (PIL BICUBIC; torchvision's antialiased bicubic matches it to 1 grey level).
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
 
 
 @dataclass
@@ -127,6 +130,9 @@ class AdaptConfig:
     crop: list[int] | None = None
     # DACS: ClassMix with an EMA teacher
     mix_fraction: float = 0.5  # share of a source image's classes pasted (rounded up)
+    # Count the ignore label (255) as one more class that ClassMix may pick, as DACS's trainUDA.py does
+    # (torch.unique of the label, its ignore filter commented out); false = the paper's "half of the classes".
+    mix_ignore_as_class: bool = False
     ema_alpha: float = 0.99  # teacher alpha = min(1 - 1 / (iteration + 1), ema_alpha)
     pseudo_threshold: float = 0.968  # pseudo-label weight = share of target pixels at or above it
     jitter_strength: float = 0.25  # brightness, contrast, saturation and hue
@@ -148,6 +154,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     head_lr_mult: float = 10.0
     poly_power: float = 0.9
+    # Iteration at which poly would reach 0; null = the stop iteration. AdaptSegNet decays over 250k and stops
+    # at 150k (its LR ends at 44% of base), FDA over 150k and stops at 100k (37%). Strategy optimisers follow.
+    poly_horizon: int | None = None
     warmup_iters: int = 0
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA autocast dtype; CPU always runs in float32
     workers: int = 4
@@ -220,6 +229,7 @@ RANGES = {
     "train.epochs": "[1, inf)", "train.iters": "[1, inf)", "train.batch_size": "[1, inf)",
     "train.lr": "[0, inf)", "train.momentum": "[0, 1)", "train.weight_decay": "[0, inf)",
     "train.head_lr_mult": "(0, inf)", "train.poly_power": "[0, inf)", "train.warmup_iters": "[0, inf)",
+    "train.poly_horizon": "[1, inf)",
     "train.workers": "[0, inf)", "train.log_interval": "[1, inf)", "train.eval_interval": "[0, inf)",
     "train.checkpoint_interval": "[1, inf)", "train.vis_images": "[0, inf)", "train.accumulate": "[1, inf)",
     "train.keep_every": "[0, inf)",

@@ -365,7 +365,7 @@ def build_parts(cfg: Config, dist: runtime.Distributed, max_iters: int) -> Parts
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     strategy = build_strategy(cfg, model).to(device)
     optimizer = build_optimizer(model, cfg)
-    lr_factor = poly_schedule(max_iters, t.poly_power, t.warmup_iters)
+    lr_factor = poly_schedule(max_iters, t.poly_power, t.warmup_iters, t.poly_horizon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     amp_dtype = runtime.autocast_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -389,13 +389,20 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.Adam(param_groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def poly_schedule(max_iters: int, power: float, warmup_iters: int = 0):
-    """LR multiplier at an iteration: linear warm-up to 1, then (1 - it / max_iters) ** power."""
+def poly_schedule(max_iters: int, power: float, warmup_iters: int = 0, horizon: int | None = None):
+    """LR multiplier at an iteration: linear warm-up to 1, then (1 - it / horizon) ** power.
+
+    `horizon` (`train.poly_horizon`) is where poly would reach 0; None = `max_iters`, the stop iteration.
+    """
+    horizon = max_iters if horizon is None else horizon
+    if horizon < max_iters:
+        raise ConfigError(f"train.poly_horizon = {horizon} is below the run's {max_iters} iterations (the learning "
+                          f"rate would be 0 for the last {max_iters - horizon}); expected >= {max_iters} or null")
 
     def factor(iteration: int) -> float:
         if iteration < warmup_iters:
             return (iteration + 1) / warmup_iters
-        return max(0.0, 1.0 - iteration / max_iters) ** power
+        return max(0.0, 1.0 - iteration / horizon) ** power
 
     return factor
 

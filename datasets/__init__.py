@@ -30,7 +30,9 @@ def build_dataset(ds_cfg: DatasetConfig, cfg: Config, role: str):
     size = ds_cfg.size
     if len(size) != 2 or min(size) < 1:
         raise ConfigError(f"data.{role}.size = {size}: expected [width, height], two positive ints")
-    return DATASETS[ds_cfg.name](ds_cfg, cfg, role)
+    dataset = DATASETS[ds_cfg.name](ds_cfg, cfg, role)
+    dataset.interpolation = ds_cfg.interpolation  # how images are resized to `size` (labels: nearest)
+    return dataset
 
 
 def _cityscapes(ds_cfg: DatasetConfig, cfg: Config, role: str) -> CityscapesDataset:

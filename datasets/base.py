@@ -24,6 +24,8 @@ class ImageLabelDataset(Dataset):
     `full_labels`: keep labels at their stored size (images are still resized), for full-resolution scoring.
     """
 
+    interpolation = "bilinear"  # image resize mode; build_dataset sets data.*.interpolation
+
     def __init__(self, images: list[Path], labels: list[Path] | None, names: list[str], size,
                  label_format: Literal["label_ids", "train_ids"] = "label_ids", full_labels: bool = False,
                  augment=None, seed: int = 0):
@@ -66,7 +68,7 @@ class ImageLabelDataset(Dataset):
         return label_ids_to_train_ids(values, path)
 
     def __getitem__(self, index: int) -> dict:
-        image = resize_image(read_image(self.images[index]), self.size_hw)
+        image = resize_image(read_image(self.images[index]), self.size_hw, self.interpolation)
         label = None
         if self.labels is not None:
             label = torch.from_numpy(self.read_train_ids(index))

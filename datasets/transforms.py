@@ -24,11 +24,19 @@ from config import AugmentConfig, ConfigError
 from datasets.labels import IGNORE_INDEX
 
 
-def resize_image(image: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear with antialiasing (uint8 in, uint8 out); a no-op at the right size."""
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+
+
+def resize_image(image: torch.Tensor, size_hw: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    """Bilinear (or bicubic, `data.*.interpolation`) with antialiasing, uint8 in and out; a no-op at the right size.
+
+    Antialiased bicubic matches PIL's `resize(BICUBIC)`, what AdaptSegNet, FDA and DACS use, to 1 grey level.
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"data.*.interpolation = {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
     if tuple(image.shape[-2:]) == tuple(size_hw):
         return image
-    return TF.resize(image, list(size_hw), interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return TF.resize(image, list(size_hw), interpolation=INTERPOLATIONS[interpolation], antialias=True)
 
 
 def resize_label(label: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:

@@ -27,6 +27,16 @@ RESNETS = {
 # classifiers (layer5 = ASPP, layer6 = the second head of the multi-level model).
 _CLASSIFIER_PREFIXES = ("fc.", "layer5.", "layer6.")
 _WRAPPER_PREFIXES = ("Scale.", "module.")  # caffe-converted DeepLab files; DataParallel checkpoints
+# The caffe DeepLab init files the published DeepLabV2 rows start from (configs/*_paper.yaml, docs/recipes.md):
+# file name -> where the paper's code gets it.
+DEEPLAB_INIT_FILES = {
+    "DeepLab_resnet_pretrained_init-f81d91e8.pth": "AdaptSegNet's train_gta2cityscapes_multi.py (RESTORE_FROM) "
+    "downloads it from http://vllab.ucmerced.edu/ytsai/CVPR18/DeepLab_resnet_pretrained_init-f81d91e8.pth",
+    "DeepLab_init.pth": "FDA's README (--init-weights) links it at "
+    "https://drive.google.com/file/d/1dk_4JJZBj4OZ1mkfJ-iLLWPIulQqvHQd/view",
+    "resnet101COCO-41f33a49.pth": "DACS's trainUDA.py (\"pretrained\": \"coco\") downloads it from "
+    "http://vllab1.ucmerced.edu/~whung/adv-semi-seg/resnet101COCO-41f33a49.pth",
+}
 
 
 def build_resnet(name: str, variant: str = "v1.5", dilation: tuple[int, int] = (1, 1)) -> tv_resnet.ResNet:
@@ -110,6 +120,10 @@ def _backbone_entries(state: dict) -> dict[str, torch.Tensor]:
 
 def _read_state_dict(path: Path) -> dict:
     if not path.is_file():
+        origin = DEEPLAB_INIT_FILES.get(path.name)
+        if origin is not None:  # one line: where the paper's code gets the file, and where it goes
+            raise FileNotFoundError(f"model.pretrained = {path}: no such file; {origin}: put it at "
+                                    f"{path.absolute()} (or point model.pretrained at your copy)")
         raise FileNotFoundError(f"model.pretrained = {path}: no such file (expected none, imagenet or a weights file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
