@@ -339,6 +339,7 @@ class Run:
     metrics: dict
     cfg: Config
     benchmark: dict | None  # RUN/benchmark.json, when one was left there
+    resume_changes: list[dict] = field(default_factory=list)  # RUN/resume_log.jsonl: changes applied on resume
 
     @property
     def synthetic(self) -> bool:
@@ -418,7 +419,25 @@ def load_run(folder: Path) -> Run:
             bench = json.loads(bench_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BenchmarkError(f"{bench_path}: not readable JSON ({exc}); delete or regenerate it") from None
-    return Run(folder, metrics, cfg, bench)
+    changes = []
+    log_path = folder / "resume_log.jsonl"
+    if log_path.is_file():
+        try:
+            changes = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BenchmarkError(f"{log_path}: not readable JSON lines ({exc}), skipped") from None
+    return Run(folder, metrics, cfg, bench, changes)
+
+
+def _resume_notes(groups: list[list[Run]]) -> list[str]:
+    """One note per run whose recipe changed on a resume (`--apply-changes`): its row is not one recipe."""
+    notes = []
+    for run in (r for g in groups for r in g if r.resume_changes):
+        applied = "; ".join(f"iteration {e['iteration']}: " + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}"
+                                                                       for k, v in e["changes"].items())
+                            for e in run.resume_changes)
+        notes.append(f"{run.path} was resumed with changes ({applied})")
+    return notes
 
 
 def source_domain(cfg: Config) -> str:
@@ -553,8 +572,10 @@ def build_tables(runs: list[Run], which: str = "all", metric: str = "final",
                     if model_groups:
                         tables.append(_complexity_table(key, number, model_name, model_groups, usable, cache,
                                                         metric, synthetic, problems))
+                        tables[-1].notes += _resume_notes(model_groups)
             else:
                 tables.append(_class_table(key, groups, classes, metric, synthetic))
+                tables[-1].notes += _resume_notes(groups)
     return tables
 
 

@@ -242,3 +242,14 @@ def test_plot_is_a_png_with_one_marker_per_config_that_has_a_speed(runs_dir, tmp
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_a_run_resumed_with_changes_is_noted_under_its_table(runs_dir):
+    (run,) = (runs_dir / "fda").iterdir()
+    entry = {"iteration": 500, "time": "2026-12-01 12:00:00", "changes": {"train.lr": [0.025, 0.01]}}
+    (run / "resume_log.jsonl").write_text(json.dumps(entry) + "\n")
+    runs, problems = benchmark.find_runs([runs_dir])
+    adaptation = by_key(benchmark.build_tables(runs, "adaptation", problems=problems), "adaptation")
+    (note,) = [n for n in adaptation.notes if "resumed with changes" in n]
+    assert str(run) in note and "iteration 500: train.lr 0.025 -> 0.01" in note
+    assert "resumed" in benchmark.format_markdown([adaptation])
