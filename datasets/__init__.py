@@ -30,7 +30,12 @@ def build_dataset(ds_cfg: DatasetConfig, cfg: Config, role: str):
     size = ds_cfg.size
     if len(size) != 2 or min(size) < 1:
         raise ConfigError(f"data.{role}.size = {size}: expected [width, height], two positive ints")
-    return DATASETS[ds_cfg.name](ds_cfg, cfg, role)
+    dataset = DATASETS[ds_cfg.name](ds_cfg, cfg, role)
+    if role == "source" and cfg.data.rcs.enabled:  # DAFormer's rare class sampling (datasets/rare_class.py)
+        from datasets.rare_class import rare_class_sampling
+
+        dataset = rare_class_sampling(dataset, cfg)
+    return dataset
 
 
 def _cityscapes(ds_cfg: DatasetConfig, cfg: Config, role: str) -> CityscapesDataset:
