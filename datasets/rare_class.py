@@ -104,7 +104,7 @@ def class_statistics(dataset, cache_dir: str | Path | None, workers: int = 0) ->
         rows = list(loader)
         record = {"format": CACHE_FORMAT, "key": key, "what": "per-image [height, width, class pixel counts] "
                   "of the label files, for rare class sampling (datasets/rare_class.py)",
-                  "labels": [str(p) for p in dataset.labels], "images": rows}
+                  "names": list(dataset.names), "images": rows}
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{path.name}.", delete=False) as tmp:
