@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import copy
 import math
 import random
@@ -20,6 +21,8 @@ from torch import nn
 
 from config import Config, ConfigError, load_config
 from datasets.labels import IGNORE_INDEX
+from models.base import CAFFE_BGR_MEAN, IMAGENET_MEAN
+from models.resnet import resnet_features
 
 
 def segmentation_loss(output, label: torch.Tensor, aux_weight: float) -> torch.Tensor:
@@ -151,6 +154,74 @@ class Adversarial(Strategy):
         self.d_optimizer.load_state_dict(state["d_optimizer"])
 
 
+# ------------------------------------------------------------------------------------------------ ADVENT
+def self_information(probs: torch.Tensor) -> torch.Tensor:
+    """ADVENT's weighted self-information map of softmax outputs [B, C, H, W]: -p log2(p) / log2(C) per class."""
+    probs = probs.float()
+    return -probs * torch.log2(probs + 1e-30) / math.log2(probs.shape[1])
+
+
+def entropy_map(probs: torch.Tensor) -> torch.Tensor:
+    """Per-pixel entropy normalised to [0, 1], [B, H, W]: the self-information summed over the classes."""
+    return self_information(probs).sum(1)
+
+
+def upsampled_softmaxes(output, size, multi_level: bool) -> dict[str, torch.Tensor]:
+    """Softmax of the main (and, multi-level, the first auxiliary) logits upsampled to `size`, as ADVENT uses."""
+    levels = {"main": output.logits}
+    if multi_level:
+        if not output.aux:
+            raise ValueError("adapt.multi_level = true: the model returned no auxiliary output (model.aux)")
+        levels["aux"] = next(iter(output.aux.values()))
+    return {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False).float().softmax(1)
+            for k, v in levels.items()}
+
+
+class MinEnt(Strategy):
+    """ADVENT's MinEnt: supervised loss on the source, entropy minimisation on the target.
+
+    The target term is lambda_ent * mean normalised entropy of the softmax of the upsampled main logits
+    (ADVENT's entropy_loss: sum(-p log2 p) / (N H W log2 C)), plus lambda_ent_aux times the same on the first
+    auxiliary output when `adapt.multi_level` is set (ADVENT: 0.001 / 0.0002).
+    """
+
+    needs_target = True
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        a = cfg.adapt
+        if a.multi_level and cfg.model.name == "deeplabv2" and not cfg.model.aux_head:
+            raise ConfigError("adapt.multi_level = true needs an auxiliary output: set model.aux_head = true")
+        for key in ("lambda_ent", "lambda_ent_aux"):
+            if getattr(a, key) < 0:
+                raise ConfigError(f"adapt.{key} = {getattr(a, key)}: expected a weight >= 0 (ADVENT: 0.001 / 0.0002)")
+        self.lambdas = {"main": a.lambda_ent, "aux": a.lambda_ent_aux}
+
+    def training_step(self, model, source, target, ctx):
+        cfg = self.cfg
+        with ctx.autocast():
+            loss_seg = segmentation_loss(model(source["image"]), source["label"], cfg.model.aux_weight)
+        ctx.backward(loss_seg)
+        with ctx.autocast():
+            out_t = model(target["image"])
+            probs = upsampled_softmaxes(out_t, target["image"].shape[-2:], cfg.adapt.multi_level)
+            ent = {k: entropy_map(p).mean() for k, p in probs.items()}
+            loss_ent = sum(self.lambdas[k] * v for k, v in ent.items())
+            loss_ent = loss_ent + _unused(list(out_t.aux.values())[len(ent) - 1:])
+        ctx.backward(loss_ent)
+        return {"seg": loss_seg.detach(), **{f"ent_{k}": v.detach() for k, v in ent.items()}}
+
+
+class AdvEnt(Adversarial):
+    """ADVENT's AdvEnt: AdaptSegNet's training (the `adversarial` keys, single or multi-level) whose
+    discriminators see the weighted self-information map -p log2(p) / log2(C) instead of the softmax."""
+
+    def _softmaxes(self, output, size) -> dict[str, torch.Tensor]:
+        """What the discriminators see: the self-information maps of the upsampled softmaxes."""
+        return {k: self_information(p) for k, p in super()._softmaxes(output, size).items()}
+
+
+# ------------------------------------------------------------------------------------------------ FDA
 def fda_source_to_target(source: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
     """Each source image with the low-frequency amplitude of its target image, source phase kept (FDA).
 
@@ -341,12 +412,129 @@ def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Te
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - alpha)
 
 
+# ------------------------------------------------------------------------------------- DAFormer, MIC
+PROTOCOL_TARGET_HEIGHT = 512  # rows of a protocol target image (Cityscapes at 1024x512), where DAFormer and MIC
+#                               give their row and patch sizes
+
+
+def protocol_pixels(value: int, target_height: int) -> int:
+    """A length given in pixels of a 512-row target (DAFormer's 15 / 120 rows, MIC's 64 px patches) at a target
+    `target_height` rows high: scaled with the height and rounded."""
+    return round(value * target_height / PROTOCOL_TARGET_HEIGHT)
+
+
+def pseudo_weight_map(pseudo_weight: torch.Tensor, shape, top: int, bottom: int) -> torch.Tensor:
+    """DAFormer's target pixel weights [B, H, W]: the DACS scalar weight, 0 in the `top` and `bottom` rows."""
+    weight = pseudo_weight.float().expand(shape).clone()
+    if top > 0:
+        weight[:, :top] = 0
+    if bottom > 0:
+        weight[:, -bottom:] = 0
+    return weight
+
+
+def fd_class_mask(labels: torch.Tensor, size, classes: torch.Tensor, min_ratio: float,
+                  num_classes: int) -> torch.Tensor:
+    """DAFormer's feature-distance mask [B, h, w] at the feature size: cells whose majority class is one of
+    `classes` and covers at least `min_ratio` of the cell (ignore counts as a class of its own, never kept).
+
+    The label's one-hot map is average-pooled to the feature grid (DAFormer's `downscale_label_ratio`, exact when
+    the label size is a multiple of the feature size; adaptive pooling otherwise).
+    """
+    ids = torch.where(labels == IGNORE_INDEX, num_classes, labels).clamp(max=num_classes)
+    one_hot = torch.zeros(labels.shape[0], num_classes + 1, *labels.shape[-2:], device=labels.device)
+    one_hot.scatter_(1, ids[:, None], 1.0)
+    ratio, majority = F.adaptive_avg_pool2d(one_hot, tuple(size)).max(1)
+    return (ratio >= min_ratio) & torch.isin(majority, classes.to(labels.device))
+
+
+def feature_distance(features: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked cells of the L2 distance between two feature maps [B, C, h, w] (0 when none is
+    masked; DAFormer's mean over an empty selection would be NaN)."""
+    dist = torch.linalg.vector_norm(features.float() - reference.float(), dim=1)
+    weight = mask.float()
+    return (dist * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+class ImageNetFeatureDistance:
+    """DAFormer's thing-class ImageNet feature distance between the student's last backbone stage and that of a
+    frozen copy of the backbone as it was built (its ImageNet, or PATH, weights), on the source images.
+
+    The student's features come from its own source forward pass, caught by a forward hook on
+    `model.backbone.layer4` while `capture()` is on. The frozen copies are held outside the strategy's modules
+    on purpose: they are rebuilt identically from `model.pretrained`, so checkpoints do not carry them.
+    """
+
+    def __init__(self, model: nn.Module, classes: list[int], min_ratio: float, num_classes: int):
+        stage = getattr(getattr(model, "backbone", None), "layer4", None)
+        if stage is None or not hasattr(model, "input_norm"):
+            raise ConfigError("adapt.fd_lambda > 0 needs a model with a ResNet backbone (model.backbone.layer4) "
+                             "and model.input_norm")
+        self.norm = copy.deepcopy(model.input_norm).eval()
+        self.backbone = copy.deepcopy(model.backbone).eval().requires_grad_(False)
+        self.classes = torch.tensor(classes)
+        self.min_ratio, self.num_classes = min_ratio, num_classes
+        store: dict = {}
+
+        def keep_output(module, inputs, output):  # a closure over a dict: copies of the model stay light
+            if store.get("on"):
+                store["features"] = output
+
+        self._store = store
+        self._hook = stage.register_forward_hook(keep_output)
+
+    @contextlib.contextmanager
+    def capture(self):
+        self._store["on"] = True
+        try:
+            yield
+        finally:
+            self._store["on"] = False
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The distance for the source batch whose forward pass ran under `capture()`."""
+        features = self._store.pop("features", None)
+        if features is None:
+            raise RuntimeError("ImageNetFeatureDistance: no features were caught; run the forward pass in capture()")
+        if self.norm.scale.device != images.device:
+            self.norm.to(images.device)
+            self.backbone.to(images.device)
+        with torch.no_grad():
+            reference = resnet_features(self.backbone, self.norm(images))[1]
+        mask = fd_class_mask(labels, features.shape[-2:], self.classes, self.min_ratio, self.num_classes)
+        return feature_distance(features, reference, mask)
+
+
+def block_mask(shape, block: int, ratio: float, device=None, generator: torch.Generator | None = None):
+    """MIC's patch mask [B, 1, H, W] of `shape` (B, H, W): 1 = kept, 0 = masked. A grid of round(H / block) x
+    round(W / block) patches, each masked with probability `ratio`, resized to H x W (nearest)."""
+    b, h, w = shape
+    grid = (max(1, round(h / block)), max(1, round(w / block)))
+    keep = (torch.rand(b, 1, *grid, device=device, generator=generator) > ratio).float()
+    return F.interpolate(keep, size=(h, w), mode="nearest")
+
+
+def zero_pixel(model: nn.Module) -> torch.Tensor:
+    """The raw RGB pixel [3] that `model.input_norm` maps to 0 (its weights' mean colour): what a masked pixel
+    is in MIC, which zeroes normalised images. 0 for a model without that normalisation."""
+    mode = getattr(getattr(model, "input_norm", None), "mode", None)
+    if mode == "imagenet":
+        return torch.tensor(IMAGENET_MEAN) * 255
+    if mode == "caffe":
+        return torch.tensor(CAFFE_BGR_MEAN).flip(0)
+    return torch.zeros(3)
+
+
 class DACS(Strategy):
     """DACS: ClassMix of source and target images, pseudo-labels from an EMA teacher, pixel-weighted CE.
 
     The teacher is a copy of the unwrapped model built here, so its state is in the strategy's state_dict and
     loads with the checkpoint before the first step. As in DACS it stays in training mode (batch statistics) and
     only its parameters follow the student; its buffers follow its own forward passes.
+
+    DAFormer's options: `fd_lambda` (thing-class ImageNet feature distance on the source), `pseudo_ignore_top`
+    / `pseudo_ignore_bottom` (target pixel weight 0 in those rows), `ema_alpha` 0.999; rare class sampling is
+    `data.rcs`, the warm-up `train.warmup_iters`.
     """
 
     needs_target = True
@@ -363,6 +551,25 @@ class DACS(Strategy):
         self.teacher = copy.deepcopy(model)
         self.teacher.requires_grad_(False)
         self.teacher.train()
+        a = cfg.adapt
+        crop_h = tgt[1] if crop is None else crop[1]
+        rows = (a.pseudo_ignore_top, a.pseudo_ignore_bottom)
+        self.ignore_rows = tuple(protocol_pixels(r, tgt[1]) for r in rows)
+        if min(a.pseudo_ignore_top, a.pseudo_ignore_bottom) < 0 or sum(self.ignore_rows) >= crop_h:
+            raise ConfigError(f"adapt.pseudo_ignore_top = {a.pseudo_ignore_top}, adapt.pseudo_ignore_bottom = "
+                             f"{a.pseudo_ignore_bottom} (rows of a 512-row target; {self.ignore_rows} at "
+                             f"data.target.size {tgt}): expected rows >= 0 leaving some of the {crop_h} target rows")
+        self._fd = None
+        if a.fd_lambda < 0 or not 0 <= a.fd_min_ratio <= 1:
+            raise ConfigError(f"adapt.fd_lambda = {a.fd_lambda}, adapt.fd_min_ratio = {a.fd_min_ratio}: expected a "
+                             "weight >= 0 and a ratio in [0, 1] (DAFormer: 0.005, 0.75)")
+        if a.fd_lambda > 0 and not all(0 <= c < cfg.model.num_classes for c in a.fd_classes):
+            raise ConfigError(f"adapt.fd_classes = {a.fd_classes}: expected class ids in [0, {cfg.model.num_classes})")
+        if a.fd_lambda > 0 and cfg.model.pretrained == "none":
+            print(f"adapt.fd_lambda = {a.fd_lambda} ignored: the ImageNet feature distance needs pretrained weights "
+                  "(model.pretrained: imagenet or a weights file), and model.pretrained = none", flush=True)
+        elif a.fd_lambda > 0:  # after the teacher's copy, so that the teacher has no hook
+            self._fd = ImageNetFeatureDistance(model, a.fd_classes, a.fd_min_ratio, cfg.model.num_classes)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -378,9 +585,14 @@ class DACS(Strategy):
             offsets = _step_random(cfg, ctx)
             source, target = _random_crop(source, a.crop, offsets), _random_crop(target, a.crop, offsets)
 
+        fd = self._fd
         with ctx.autocast():
-            loss_src = segmentation_loss(model(source["image"]), source["label"], cfg.model.aux_weight)
-        ctx.backward(loss_src)
+            with fd.capture() if fd else contextlib.nullcontext():
+                out_s = model(source["image"])
+            loss_src = segmentation_loss(out_s, source["label"], cfg.model.aux_weight)
+            loss_fd = fd(source["image"], source["label"]) if fd else None
+        del out_s
+        ctx.backward(loss_src if fd is None else loss_src + a.fd_lambda * loss_fd)
 
         size = target["image"].shape[-2:]
         with torch.no_grad(), ctx.autocast():
@@ -395,12 +607,22 @@ class DACS(Strategy):
         mixed = color_jitter(mixed, a.jitter_strength, a.jitter_p, gen)
         mixed = gaussian_blur(mixed, a.blur_sigma, a.blur_kernel, a.blur_p, gen)
         mixed_label = torch.where(mask, source["label"], pseudo)
-        weight = torch.where(mask, torch.ones_like(confidence), pseudo_weight)
+        target_weight = pseudo_weight_map(pseudo_weight, pseudo.shape, *self.ignore_rows)
+        weight = torch.where(mask, torch.ones_like(confidence), target_weight)
 
         with ctx.autocast():
             loss_mix = weighted_segmentation_loss(model(mixed), mixed_label, weight, cfg.model.aux_weight)
         ctx.backward(a.mix_weight * loss_mix)
-        return {"seg": loss_src.detach(), "mix": loss_mix.detach(), "pseudo_weight": pseudo_weight}
+        losses = {"seg": loss_src.detach(), "mix": loss_mix.detach(), "pseudo_weight": pseudo_weight}
+        if loss_fd is not None:
+            losses["fd"] = loss_fd.detach()
+        losses.update(self.target_losses(model, target["image"], pseudo, target_weight, gen, ctx))
+        return losses
+
+    def target_losses(self, model, images, pseudo, weight, gen, ctx) -> dict[str, torch.Tensor]:
+        """Further losses on the target batch from the teacher's pseudo-labels and their pixel weights (MIC's
+        masked consistency); DACS has none."""
+        return {}
 
     def after_step(self, model, ctx):
         if not hasattr(self, "_param_pairs"):
@@ -408,6 +630,38 @@ class DACS(Strategy):
             self._param_pairs = (list(self.teacher.parameters()), list(student.parameters()))
         alpha = min(1.0 - 1.0 / (ctx.iteration + 1), self.cfg.adapt.ema_alpha)
         ema_update(*self._param_pairs, alpha)
+
+
+class MIC(DACS):
+    """MIC (Hoyer et al. 2023) on DACS with DAFormer's options: DACS's step, then masked image consistency.
+
+    The target batch is colour-jittered and blurred as the mixed image is (`jitter_*`, `blur_*`), then patches of
+    `mask_block` px (at a 512-row target; scaled with data.target.size's height) are masked, each with probability
+    `mask_ratio`: set to the pixel the model normalises to 0, as MIC zeroes normalised images. The student learns
+    the EMA teacher's pseudo-labels of the unmasked target, with DACS's pixel weights (rows zeroed included),
+    weighted `mask_lambda`.
+    """
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        a = cfg.adapt
+        if not (0 <= a.mask_ratio < 1 and a.mask_block >= 1 and a.mask_lambda >= 0):
+            raise ConfigError(f"adapt.mask_ratio = {a.mask_ratio}, adapt.mask_block = {a.mask_block}, adapt.mask_lambda "
+                             f"= {a.mask_lambda}: expected a ratio in [0, 1), a patch >= 1 px and a weight >= 0 "
+                             "(MIC: 0.7, 64, 1)")
+        self.mask_block = max(1, protocol_pixels(a.mask_block, cfg.data.target.size[1]))
+        self.register_buffer("zero_pixel", zero_pixel(model).view(1, 3, 1, 1), persistent=False)
+
+    def target_losses(self, model, images, pseudo, weight, gen, ctx):
+        a = self.cfg.adapt
+        augmented = color_jitter(images.float(), a.jitter_strength, a.jitter_p, gen)
+        augmented = gaussian_blur(augmented, a.blur_sigma, a.blur_kernel, a.blur_p, gen)
+        keep = block_mask(pseudo.shape, self.mask_block, a.mask_ratio, images.device, gen)
+        masked = torch.where(keep.bool(), augmented, self.zero_pixel.to(augmented.dtype))
+        with ctx.autocast():
+            loss = weighted_segmentation_loss(model(masked), pseudo, weight, self.cfg.model.aux_weight)
+        ctx.backward(a.mask_lambda * loss)
+        return {"masked": loss.detach()}
 
 
 def _step_seed(cfg: Config, ctx) -> int:
@@ -453,6 +707,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "adversarial": Adversarial,
     "fda": FDA,
     "dacs": DACS,
+    "minent": MinEnt,
+    "advent": AdvEnt,
+    "mic": MIC,
 }
 
 

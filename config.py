@@ -72,6 +72,25 @@ class SyntheticConfig:
 
 
 @dataclass
+class RareClassConfig:
+    """DAFormer's rare class sampling of the labelled source (datasets/rare_class.py); off unless `enabled`.
+
+    Item i of an epoch draws a class c with P(c) = softmax((1 - f_c) / temperature) (f_c: c's share of the source
+    label pixels), then a source image holding more than `min_pixels` of c (counted as on a 1914x1052 GTA5
+    frame), then re-draws its augmentation and crop up to `tries` times until the sample holds more than
+    `min_pixels * min_crop_ratio` pixels of c (counted as on a 1280x720 image); pixel counts scale by area.
+    """
+
+    enabled: bool = False
+    temperature: float = 0.01
+    min_pixels: int = 3000
+    min_crop_ratio: float = 0.5
+    tries: int = 10
+    # folder of the cached class statistics (one JSON per set of label files); null = the source data root
+    cache_dir: str | None = None
+
+
+@dataclass
 class DataConfig:
     source: DatasetConfig = field(
         default_factory=lambda: DatasetConfig(name="gta5", root="data/GTA5", split="train", size=[1280, 720]))
@@ -79,6 +98,7 @@ class DataConfig:
     val: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="val"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    rcs: RareClassConfig = field(default_factory=RareClassConfig)
 
 
 @dataclass
@@ -106,7 +126,7 @@ class ModelConfig:
 class AdaptConfig:
     """Every constant of every adaptation recipe; defaults are the papers' values (docs/architecture.md)."""
 
-    name: Literal["none", "adversarial", "fda", "dacs"] = "none"
+    name: Literal["none", "adversarial", "fda", "dacs", "minent", "advent", "mic"] = "none"
     # adversarial (AdaptSegNet): output-space discriminator(s) on the softmax of the upsampled logits
     multi_level: bool = False  # a second discriminator on the first auxiliary output (model.aux)
     lambda_adv: float = 0.001
@@ -141,6 +161,23 @@ class AdaptConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
     blur_kernel: float = 0.1  # Gaussian kernel side as a share of the image height (made odd)
     mix_weight: float = 1.0
+    # ADVENT MinEnt: normalised entropy of the target softmax (main; first auxiliary output with multi_level).
+    # AdvEnt (`advent`) takes the adversarial keys above, its discriminators see the self-information map.
+    lambda_ent: float = 0.001
+    lambda_ent_aux: float = 0.0002
+    # DAFormer options of `dacs` (and `mic`); the defaults leave DACS as it was, the DAFormer values in comments.
+    fd_lambda: float = 0.0  # thing-class ImageNet feature distance on the source (DAFormer 0.005)
+    fd_classes: list[int] = field(default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])  # thing classes
+    fd_min_ratio: float = 0.75  # a feature cell counts as its majority class when that class covers this share
+    # pseudo-label weight zeroed in these many top / bottom rows of the target (DAFormer 15 / 120), given for a
+    # target 512 rows high (the protocol's 1024x512) and scaled to data.target.size's height
+    pseudo_ignore_top: int = 0
+    pseudo_ignore_bottom: int = 0
+    # MIC (`mic` = dacs + masked image consistency): square patches of mask_block px (at a 512-row target, scaled
+    # like the rows above), each masked with probability mask_ratio, on the colour-augmented target
+    mask_block: int = 64
+    mask_ratio: float = 0.7
+    mask_lambda: float = 1.0
 
 
 @dataclass

@@ -32,6 +32,10 @@ def build_dataset(ds_cfg: DatasetConfig, cfg: Config, role: str):
         raise ConfigError(f"data.{role}.size = {size}: expected [width, height], two positive ints")
     dataset = DATASETS[ds_cfg.name](ds_cfg, cfg, role)
     dataset.interpolation = ds_cfg.interpolation  # how images are resized to `size` (labels: nearest)
+    if role == "source" and cfg.data.rcs.enabled:  # DAFormer's rare class sampling (datasets/rare_class.py)
+        from datasets.rare_class import rare_class_sampling
+
+        dataset = rare_class_sampling(dataset, cfg)
     return dataset
 
 
