@@ -185,7 +185,7 @@ class TrainConfig:
     epochs: int = 50
     iters: int | None = None  # when set, overrides epochs
     batch_size: int = 8
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # adamw: decoupled weight decay (DAFormer, MIC)
     lr: float = 2.5e-2
     momentum: float = 0.9
     weight_decay: float = 1e-4

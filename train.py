@@ -377,7 +377,7 @@ def build_parts(cfg: Config, dist: runtime.Distributed, max_iters: int) -> Parts
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD (or Adam) over the model's parameter groups; the head learns `head_lr_mult` times faster."""
+    """SGD, Adam or AdamW over the model's parameter groups; the head learns `head_lr_mult` times faster."""
     t = cfg.train
     groups = model.param_groups()
     param_groups = [
@@ -386,6 +386,8 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     ]
     if t.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.Adam(param_groups, lr=t.lr, weight_decay=t.weight_decay)
 
 

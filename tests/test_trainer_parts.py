@@ -134,3 +134,11 @@ def test_snapshots_every_keep_every_iterations(tmp_path):
     assert snapshots == ["iter_0000002.pt", "iter_0000004.pt"]
     state = runtime.load_checkpoint(run_dir / "snapshots" / "iter_0000002.pt")
     assert set(state) == {"iteration", "model", "best", "config_name"} and state["iteration"] == 2
+
+
+def test_adamw_for_the_daformer_recipes():
+    cfg = load_config(REPO / "configs" / "gta5_bisenet_daformer_dacs.yaml", ["model.pretrained=none"])
+    optimizer = train.build_optimizer(__import__("models").build_model(cfg.model), cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([6e-5, 6e-4])  # the head at 10x
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.01}
