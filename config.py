@@ -148,7 +148,9 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     poly_power: float = 0.9
     warmup_iters: int = 0
-    amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA autocast dtype; CPU always runs in float32
+    # Autocast dtype. auto: bf16 on GPUs of compute capability >= 8.0, fp16 + GradScaler on older ones (T4, P100),
+    # float32 on CPU; bf16 / fp16 force that dtype (on CPU too, under CPU autocast); none: float32 everywhere.
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     workers: int = 4
     log_interval: int = 50
     eval_interval: int = 0  # iterations between validations; 0 = at the end only

@@ -238,7 +238,7 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        runtime.load_scaler_state(scaler, state["scaler"])  # also across AMP modes (bf16 <-> fp16)
         strategy.load_state_dict(state["strategy"])
         runtime.set_rng_state(state["rng"][dist.rank % len(state["rng"])])
         start_iter, best, wall_before = state["iteration"], state["best"], state["wall_time_s"]
