@@ -84,17 +84,28 @@ class Distributed:
 
 
 def init_distributed() -> Distributed:
-    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU); else one process."""
+    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU); else one process.
+
+    With more processes on a node than it has GPUs (a 2-process check on one GPU), the processes share the GPUs
+    round-robin and talk over gloo, since NCCL refuses two ranks on one device: slow, for checks only.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
+    shared_gpu = False
     if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        gpus = torch.cuda.device_count()
+        shared_gpu = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > gpus
+        torch.cuda.set_device(local_rank % gpus)
+    device = torch.device("cuda", local_rank % gpus) if cuda else torch.device("cpu")
     if world_size == 1:
         return Distributed(device=device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+        nccl = cuda and not shared_gpu
+        if shared_gpu and local_rank == 0:
+            print(f"{os.environ['LOCAL_WORLD_SIZE']} processes share {gpus} GPU(s) on this node: gloo instead of "
+                  "NCCL (slow; for checks, not for training)", flush=True)
+        dist.init_process_group(backend="nccl" if nccl else "gloo", device_id=device if nccl else None)
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
