@@ -976,6 +976,27 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def gpu_check_markdown(result: dict) -> str:
+    """The per-config part of a gpu-check result as the markdown table docs/benchmarks.md records."""
+    env = result["environment"]
+    lines = [f"{env['device_name']}, torch {env['torch']} (CUDA {env.get('cuda')}), amp auto = {env['amp_auto']}, "
+             f"{result['started']}", "",
+             "| Config | Model + strategy | Batch | Source HxW | Step (ms) | Images/s | Peak memory (GiB) "
+             "| Fits 16 GB | Fits 24 GB | train.py |", "|---|---|---|---|---|---|---|---|---|---|"]
+    yes = {True: "yes", False: "**no**", None: "—"}
+    for name, e in result["configs"].items():
+        if "step_s" not in e:
+            lines.append(f"| `{name}` | failed: {e['error']} | | | | | | | | |")
+            continue
+        fits = e.get("fits", {})
+        lines.append(f"| `{name}` | {e['model_label']} + {e['adapt']} | {e['batch_size']} | "
+                     f"{e['source_size'][0]}x{e['source_size'][1]} | {e['step_s'] * 1e3:.1f} | "
+                     f"{e['images_per_s']:.1f} | {_gb(e['peak_memory_bytes'])} | {yes[fits.get('16GB')]} | "
+                     f"{yes[fits.get('24GB')]} | {'ok' if e['trainer']['ok'] else 'failed'} |")
+    lines += [f"| skipped (time budget) | {', '.join(result['skipped'])} | | | | | | | | |"] if result["skipped"] else []
+    return "\n".join(lines)
+
+
 def gpu_check(out: Path | None, device: torch.device, configs: list[Path] | None = None, tiny: bool = False,
               budget_s: float = GPU_CHECK_BUDGET_S) -> dict:
     """The whole check; the JSON at `out` is rewritten after each part, so a killed check leaves what it did.
@@ -1062,6 +1083,7 @@ def gpu_check(out: Path | None, device: torch.device, configs: list[Path] | None
     result["ok"] = (all(e["ok"] for e in result["configs"].values()) and bool(result["ddp"]["ok"])
                     and "error" not in result["latency"] and not result["skipped"])
     _write_json(out, result)
+    print("\n" + gpu_check_markdown(result) + "\n")
     print(f"gpu-check {'passed' if result['ok'] else 'FAILED'} in {result['wall_s']} s"
           + (f"; JSON in {out}" if out else ""), flush=True)
     return result

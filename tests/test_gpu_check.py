@@ -154,3 +154,5 @@ def test_tiny_gpu_check_through_the_cli(monkeypatch, tmp_path, capsys):
         assert r["eager"]["iters"] == r["deploy"]["iters"] == 2 and r["speedup_deploy"] > 0
     ddp = result["ddp"]
     assert ddp["ok"] and ddp["iterations"] == 1 and ddp["rng_states"] == 2, ddp
+    table = benchmark.gpu_check_markdown(result)
+    assert table in printed and "| `gta5_deeplabv2_dacs` | DeepLabV2-R101 + dacs | 2 | 32x64 |" in table
