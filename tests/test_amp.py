@@ -121,6 +121,20 @@ def test_entropy_and_weighted_losses_are_float32_under_autocast(dtype):
         SegOutput(logits.float(), {"aux": logits.float() * 0.5}), label, weight, 0.1), rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_prediction_under_autocast_gives_float32_probabilities(dtype):
+    """eval.predict_probs (validation, FDA's multi-band pseudo-labels) with train.amp forced on CPU."""
+    from eval import predict_probs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1)).eval()
+    images = torch.randint(0, 256, (2, 3, 16, 24), dtype=torch.uint8).float()
+    probs = predict_probs([model, model], images, (32, 48), dtype)
+    assert probs.dtype == torch.float32 and probs.shape == (2, C, 32, 48)
+    assert torch.allclose(probs.sum(1), torch.ones(2, 32, 48), atol=1e-5)
+    assert (probs.argmax(1) == predict_probs([model], images, (32, 48)).argmax(1)).float().mean() > 0.9
+
+
 # ---------------------------------------------------------------------------- the scaler in one step
 class TinyNet(nn.Module):
     def __init__(self):
