@@ -919,6 +919,7 @@ def check_ddp(device: torch.device, roots: dict, work_dir: Path, tiny: bool = Fa
               timeout: float = GPU_CHECK_DDP_TIMEOUT_S) -> dict:
     """train.py under `torchrun --nproc_per_node 2` (one GPU: both processes share it over gloo); checks the
     run finished, rank 0 alone made the run folder and the checkpoint holds both ranks' RNG states."""
+    import signal
     import subprocess
 
     import runtime
@@ -941,13 +942,20 @@ def check_ddp(device: torch.device, roots: dict, work_dir: Path, tiny: bool = Fa
              "backend": "nccl" if gpus >= 2 else ("gloo, both processes on one GPU" if gpus else "gloo (CPU)"),
              "amp": runtime.amp_name(runtime.autocast_dtype("auto", device))}
     started = time.perf_counter()
+    # its own process group, so that a hang is ended with the ranks, which would otherwise keep the GPU
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
-        proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        returncode, log = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        returncode, log = None, f"timed out after {timeout:.0f} s\n" + str(exc.stdout or "") + str(exc.stderr or "")
+        log, _ = proc.communicate(timeout=timeout)
+        returncode = proc.returncode
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        returncode, log = None, f"{log}\ntimed out after {timeout:.0f} s"
     entry.update({"returncode": returncode, "wall_s": round(time.perf_counter() - started, 1)})
-    problem = None if returncode == 0 else f"torchrun exited with {returncode}"
+    problem = None if returncode == 0 else (f"torchrun exited with {returncode}" if returncode is not None
+                                            else f"torchrun did not finish within {timeout:.0f} s")
     runs = sorted((work_dir / cfg.name).glob("*/metrics.json"))
     if problem is None and len(runs) != 1:
         problem = f"{len(runs)} run folders in {work_dir / cfg.name}, expected 1 (rank 0's)"

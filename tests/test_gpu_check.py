@@ -121,6 +121,15 @@ def test_init_distributed_shares_one_gpu_over_gloo(monkeypatch):
     assert calls["group"] == {"backend": "nccl", "device_id": torch.device("cuda", 1)}
 
 
+def test_a_hanging_ddp_run_is_ended_with_its_ranks(tmp_path, tiny_tree):
+    import time
+
+    started = time.perf_counter()
+    entry = benchmark.check_ddp(torch.device("cpu"), tiny_tree, tmp_path, tiny=True, timeout=1.0)
+    assert time.perf_counter() - started < 30
+    assert entry["ok"] is False and entry["returncode"] is None and "did not finish within 1 s" in entry["error"]
+
+
 def test_budget_skips_configs_and_fails_the_check(monkeypatch, tmp_path, tiny_tree):
     monkeypatch.setattr(benchmark, "check_latency", lambda *a, **k: {})
     monkeypatch.setattr(benchmark, "check_ddp", lambda *a, **k: {"ok": True, "processes": 2, "backend": "stub",
