@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from config import ConfigError
+
 
 # ------------------------------------------------------------------------------------------ seeding
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -194,7 +196,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     CPU autocast, which is how the tests exercise the AMP paths); `none` is float32 everywhere.
     """
     if amp not in AMP_CHOICES:
-        raise ValueError(f"train.amp = {amp!r}: expected one of {', '.join(AMP_CHOICES)}")
+        raise ConfigError(f"train.amp = {amp!r}: expected one of {', '.join(AMP_CHOICES)}")
     if amp == "none":
         return None
     if amp == "auto":
@@ -202,6 +204,10 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             return None
         major, _ = torch.cuda.get_device_capability(device)
         return torch.bfloat16 if major >= 8 else torch.float16
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"train.amp = 'bf16': {torch.cuda.get_device_name(device)} (compute capability "
+                          f"{major}.{minor}) has no bf16 support; use train.amp=auto or fp16")
     return _AMP_DTYPES[amp]
 
 

@@ -17,7 +17,7 @@ from torch import nn
 import adapt
 import runtime
 import train
-from config import TrainConfig, from_dict, load_config
+from config import ConfigError, TrainConfig, from_dict, load_config
 from conftest import tiny_overrides
 from models.base import SegOutput
 
@@ -52,6 +52,7 @@ def test_auto_chooses_by_compute_capability(monkeypatch, capability, expected):
         return capability
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # natively or emulated (T4)
     assert runtime.autocast_dtype("auto", CUDA0) is expected
     assert asked == [CUDA0]  # the run's own GPU is asked, not whichever is current
     # a forced choice is kept whatever the GPU
@@ -59,6 +60,16 @@ def test_auto_chooses_by_compute_capability(monkeypatch, capability, expected):
     assert runtime.autocast_dtype("fp16", CUDA0) is torch.float16
     assert runtime.autocast_dtype("none", CUDA0) is None
     assert runtime.amp_name(expected) == ("bf16" if expected is torch.bfloat16 else "fp16")
+
+
+def test_forced_bf16_on_a_gpu_without_it_is_one_line_before_training(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    with pytest.raises(ConfigError, match=r"^train.amp = 'bf16': Tesla P100-PCIE-16GB \(compute capability 6.0\) "
+                                          r"has no bf16 support; use train.amp=auto or fp16$"):
+        runtime.autocast_dtype("bf16", CUDA0)
+    assert runtime.autocast_dtype("auto", CUDA0) is torch.float16
 
 
 def test_cpu_auto_is_float32_and_forced_dtypes_use_cpu_autocast(monkeypatch):
