@@ -733,6 +733,7 @@ TINY_HW = (32, 64)  # --tiny (a CPU smoke test of the check itself): every size 
 TINY_STORED_HW = {"gta5": (64, 128), "cityscapes": (64, 128)}  # ... and the files written
 LATENCY_MODELS = {"bisenet_r18": "cityscapes_bisenet.yaml", "deeplabv2_r101": "cityscapes_deeplabv2.yaml"}
 DDP_CONFIG = "gta5_bisenet_adv.yaml"  # DDP with a strategy-owned optimiser (the discriminator's)
+FP16_CONFIG = "gta5_bisenet_adv.yaml"  # also timed under forced fp16: the GradScaler path a T4 takes, on CUDA
 REPO_ROOT = Path(__file__).resolve().parent
 
 
@@ -915,6 +916,18 @@ def check_latency(device: torch.device, size: tuple[int, int] = THESIS_SIZE,
     return out
 
 
+def check_fp16(device: torch.device, tiny: bool = False) -> dict:
+    """FP16_CONFIG's training steps with train.amp forced to fp16 (GradScaler on, two optimisers under it)."""
+    cfg = load_config(REPO_ROOT / "configs" / FP16_CONFIG, ["train.amp=fp16"])
+    warmup, iters = (0, 1) if tiny else GPU_CHECK_STEPS
+    r, error, log = _quiet_call(lambda: benchmark_train_step(
+        cfg, device, iters, warmup, TINY_HW if tiny else None, 2 if tiny else None, FP16_CONFIG))
+    if r is None:
+        return {"config": f"configs/{FP16_CONFIG}", "ok": False, "error": error, "log_tail": log[-1500:]}
+    return {"config": f"configs/{FP16_CONFIG}", "ok": True,
+            **{k: r[k] for k in ("amp", "batch_size", "source_size", "step_s", "images_per_s", "peak_memory_bytes")}}
+
+
 def check_ddp(device: torch.device, roots: dict, work_dir: Path, tiny: bool = False,
               timeout: float = GPU_CHECK_DDP_TIMEOUT_S) -> dict:
     """train.py under `torchrun --nproc_per_node 2` (one GPU: both processes share it over gloo); checks the
@@ -1014,6 +1027,8 @@ def gpu_check(out: Path | None, device: torch.device, configs: list[Path] | None
     import importlib.util
     import tempfile
 
+    import runtime
+
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError(f"--gpu-check needs a CUDA GPU, and torch {torch.__version__} sees none "
                              "(torch.cuda.is_available() is False); run it on a CUDA machine")
@@ -1079,6 +1094,14 @@ def gpu_check(out: Path | None, device: torch.device, configs: list[Path] | None
             print(f"  {path.stem:26s} {line}", flush=True)
             _write_json(out, result)
 
+        # the fp16 + GradScaler path (what amp auto picks on a T4), with the discriminator's optimiser under it
+        if device.type != "cuda" or runtime.autocast_dtype("auto", device) != torch.float16:
+            result["fp16"] = check_fp16(device, tiny)
+            f = result["fp16"]
+            print(f"  {FP16_CONFIG[:-5]} under amp fp16: " + (f"step {f['step_s'] * 1e3:.1f} ms, peak "
+                  f"{_gb(f['peak_memory_bytes'])} GiB" if f["ok"] else f"FAILED: {f['error']}"), flush=True)
+            _write_json(out, result)
+
         # last: its own processes, so a crash or hang there cannot cost the configs' numbers
         result["ddp"] = check_ddp(device, roots, tmp / "ddp", tiny)
         d = result["ddp"]
@@ -1089,7 +1112,8 @@ def gpu_check(out: Path | None, device: torch.device, configs: list[Path] | None
         print(f"  not run (time budget of {budget_s:.0f} s spent): {', '.join(result['skipped'])}", flush=True)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["ok"] = (all(e["ok"] for e in result["configs"].values()) and bool(result["ddp"]["ok"])
-                    and "error" not in result["latency"] and not result["skipped"])
+                    and result.get("fp16", {"ok": True})["ok"] and "error" not in result["latency"]
+                    and not result["skipped"])
     _write_json(out, result)
     print("\n" + gpu_check_markdown(result) + "\n")
     print(f"gpu-check {'passed' if result['ok'] else 'FAILED'} in {result['wall_s']} s"

@@ -132,6 +132,7 @@ def test_a_hanging_ddp_run_is_ended_with_its_ranks(tmp_path, tiny_tree):
 
 def test_budget_skips_configs_and_fails_the_check(monkeypatch, tmp_path, tiny_tree):
     monkeypatch.setattr(benchmark, "check_latency", lambda *a, **k: {})
+    monkeypatch.setattr(benchmark, "check_fp16", lambda *a, **k: {"ok": True, "step_s": 1.0, "peak_memory_bytes": 1})
     monkeypatch.setattr(benchmark, "check_ddp", lambda *a, **k: {"ok": True, "processes": 2, "backend": "stub",
                                                                   "wall_s": 0.0})
     configs = benchmark.protocol_configs()[:2]
@@ -163,5 +164,6 @@ def test_tiny_gpu_check_through_the_cli(monkeypatch, tmp_path, capsys):
         assert r["eager"]["iters"] == r["deploy"]["iters"] == 2 and r["speedup_deploy"] > 0
     ddp = result["ddp"]
     assert ddp["ok"] and ddp["iterations"] == 1 and ddp["rng_states"] == 2, ddp
+    assert result["fp16"]["ok"] and result["fp16"]["amp"] == "float16", result["fp16"]  # CPU autocast here
     table = benchmark.gpu_check_markdown(result)
     assert table in printed and "| `gta5_deeplabv2_dacs` | DeepLabV2-R101 + dacs | 2 | 32x64 |" in table
