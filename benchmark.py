@@ -1184,8 +1184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--metric", choices=("final", "best"), default="final",
                         help="which metrics.json result to tabulate (best = selected on val)")
     parser.add_argument("--plot", metavar="FILE.png", help="--runs: also draw mIoU against FPS")
-    parser.add_argument("--out", metavar="FILE.json", default="runs/gpu_check.json",
-                        help="--gpu-check: where the JSON goes (default: runs/gpu_check.json)")
+    parser.add_argument("--out", metavar="FILE.json", help="--gpu-check: where the JSON goes "
+                                                            "(default: runs/gpu_check.json)")
     parser.add_argument("--tiny", action="store_true", help="--gpu-check: tiny sizes, 1 step (with --device cpu: "
                         "a smoke test of the check itself)")
     return parser.parse_args(argv)
@@ -1194,6 +1194,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        for name in ("out", "tiny"):
+            if getattr(args, name) and not args.gpu_check:
+                raise BenchmarkError(f"--{name} is an option of --gpu-check")
         if args.runs:
             return _main_runs(args)
         if args.gpu_check:
@@ -1222,7 +1225,7 @@ def _main_gpu_check(args) -> int:
     device = torch.device(args.device or "cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = gpu_check(Path(args.out), device, tiny=args.tiny)
+    result = gpu_check(Path(args.out or "runs/gpu_check.json"), device, tiny=args.tiny)
     return 0 if result["ok"] else 1
 
 

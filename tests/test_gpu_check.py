@@ -35,6 +35,12 @@ def test_cpu_without_tiny_is_one_line(capsys):
     assert len(err.splitlines()) == 1 and "--tiny" in err
 
 
+def test_gpu_check_options_without_gpu_check_are_one_line(tmp_path, capsys):
+    assert benchmark.main(["--runs", str(tmp_path), "--tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "benchmark.py: --tiny is an option of --gpu-check"
+
+
 def test_missing_cityscapesscripts_names_the_wheels(monkeypatch, tmp_path):
     import importlib.util
 
