@@ -39,7 +39,7 @@ clean-runs:
 
 # `make gpu-check` on a CUDA machine, with that machine's own torch (no .venv, no registry needed): every protocol
 # config's step time and peak memory with amp auto, train.py on random images in the real layouts, both models'
-# eager vs deploy latency, a 2-process DDP run; about 4 minutes on an H200; JSON in $(GPU_CHECK_OUT)
+# eager vs deploy latency, a 2-process DDP run; meant to end within 5 minutes on an H200; JSON in $(GPU_CHECK_OUT)
 # (docs/benchmarks.md). Where cityscapesscripts is missing it is installed from the wheels in .whl/, which
 # `make gpu-wheels` downloads on a machine that reaches PyPI. On a machine without CUDA it stops with one line.
 GPU_PYTHON    ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)

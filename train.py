@@ -223,7 +223,7 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None)
     lr_factor = poly_schedule(max_iters, t.poly_power, t.warmup_iters)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     amp_dtype = runtime.autocast_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = runtime.grad_scaler(device, amp_dtype)  # on for fp16 only, CUDA or CPU
     ctx = StepContext(max_iters, device, amp_dtype, scaler, lr_factor)
     if dist.enabled:  # ...but draws its own random numbers while training
         runtime.seed_everything(cfg.seed + dist.rank, t.deterministic)
