@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: env test demo benchmark-synthetic clean-runs
+.PHONY: env test demo benchmark-synthetic clean-runs gpu-check gpu-wheels
 
 env: $(STAMP)
 
@@ -36,3 +36,24 @@ benchmark-synthetic: $(STAMP)
 
 clean-runs:
 	rm -rf runs
+
+# `make gpu-check` on a CUDA machine, with that machine's own torch (no .venv, no registry needed): every protocol
+# config's step time and peak memory with amp auto, train.py on random images in the real layouts, both models'
+# eager vs deploy latency, a 2-process DDP run; meant to end within 5 minutes on an H200; JSON in $(GPU_CHECK_OUT)
+# (docs/benchmarks.md). Where cityscapesscripts is missing it is installed from the wheels in .whl/, which
+# `make gpu-wheels` downloads on a machine that reaches PyPI. On a machine without CUDA it stops with one line.
+GPU_PYTHON    ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
+GPU_CHECK_OUT ?= runs/gpu_check.json
+WHEELS        := .whl
+GPU_SITE      := $(WHEELS)/site
+
+gpu-wheels:
+	$(GPU_PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d $(WHEELS) "cityscapesscripts>=2.2"
+
+gpu-check:
+	@export PYTHONPATH="$(CURDIR)/$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH}"; \
+	if ! $(GPU_PYTHON) -c "import cityscapesscripts.helpers.labels" 2>/dev/null && ls $(WHEELS)/*.whl >/dev/null 2>&1; then \
+	  $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	    --target $(GPU_SITE) $(WHEELS)/*.whl || exit 1; \
+	fi; \
+	$(GPU_PYTHON) benchmark.py --gpu-check --out $(GPU_CHECK_OUT)

@@ -195,7 +195,9 @@ class TrainConfig:
     # at 150k (its LR ends at 44% of base), FDA over 150k and stops at 100k (37%). Strategy optimisers follow.
     poly_horizon: int | None = None
     warmup_iters: int = 0
-    amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA autocast dtype; CPU always runs in float32
+    # Autocast dtype. auto: bf16 on GPUs of compute capability >= 8.0, fp16 + GradScaler on older ones (T4, P100),
+    # float32 on CPU; bf16 / fp16 force that dtype (on CPU too, under CPU autocast); none: float32 everywhere.
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     workers: int = 4
     log_interval: int = 50
     eval_interval: int = 0  # iterations between validations; 0 = at the end only
@@ -324,8 +326,9 @@ def parse_duration(value: str | float) -> float:
 
 
 # Keys that do not change what a run learns: a resume may change them freely (the others must match the run's
-# config unless `--apply-changes` is given).
-RESUME_FREE_KEYS = ("name", "train.workers", "train.log_interval", "train.checkpoint_interval", "train.eval_interval",
+# config unless `--apply-changes` is given). `train.amp` is the machine's precision (a run moved from a T4 to an
+# A100 under `auto` changes it anyway), not the recipe.
+RESUME_FREE_KEYS = ("name", "train.amp", "train.workers", "train.log_interval", "train.checkpoint_interval", "train.eval_interval",
                     "train.vis_images", "train.max_wall_time", "train.keep_every", "eval.batch_size",
                     "data.source.root", "data.target.root", "data.val.root")
 

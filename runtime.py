@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from config import ConfigError
+
 
 # ------------------------------------------------------------------------------------------ seeding
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -84,17 +86,28 @@ class Distributed:
 
 
 def init_distributed() -> Distributed:
-    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU); else one process."""
+    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU); else one process.
+
+    With more processes on a node than it has GPUs (a 2-process check on one GPU), the processes share the GPUs
+    round-robin and talk over gloo, since NCCL refuses two ranks on one device: slow, for checks only.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
+    shared_gpu = False
     if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        gpus = torch.cuda.device_count()
+        shared_gpu = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > gpus
+        torch.cuda.set_device(local_rank % gpus)
+    device = torch.device("cuda", local_rank % gpus) if cuda else torch.device("cpu")
     if world_size == 1:
         return Distributed(device=device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+        nccl = cuda and not shared_gpu
+        if shared_gpu and local_rank == 0:
+            print(f"{os.environ['LOCAL_WORLD_SIZE']} processes share {gpus} GPU(s) on this node: gloo instead of "
+                  "NCCL (slow; for checks, not for training)", flush=True)
+        dist.init_process_group(backend="nccl" if nccl else "gloo", device_id=device if nccl else None)
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -170,17 +183,55 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- AMP
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.amp` on `device`; None (full float32) on CPU or with `amp: none`."""
-    if device.type != "cuda" or amp == "none":
+    """The autocast dtype of `train.amp` on `device`; None means no autocast (full float32).
+
+    `auto`: on CUDA bf16 where the GPU has native bf16 tensor cores (compute capability >= 8.0: Ampere and
+    later), else fp16 with the GradScaler (a T4, 7.5, reports bf16 support through emulation but has no fast
+    bf16 convolutions); on CPU float32. `bf16` / `fp16` force that dtype on any device (on CPU they run under
+    CPU autocast, which is how the tests exercise the AMP paths); `none` is float32 everywhere.
+    """
+    if amp not in AMP_CHOICES:
+        raise ConfigError(f"train.amp = {amp!r}: expected one of {', '.join(AMP_CHOICES)}")
+    if amp == "none":
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"train.amp = 'bf16': {torch.cuda.get_device_name(device)} (compute capability "
+                          f"{major}.{minor}) has no bf16 support; use train.amp=auto or fp16")
+    return _AMP_DTYPES[amp]
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """`bf16`, `fp16` or `none`: what `autocast_dtype` chose, in the config's words."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """The loss scaler for `dtype`: active for fp16 only (bf16 has float32's range), on CUDA or CPU alike."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Restore a scaler from a checkpoint, also across AMP modes: a run saved under bf16 or float32 (a disabled
+    scaler saves `{}`) resumed under fp16 starts a fresh scale; an fp16 run resumed under bf16 drops it."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

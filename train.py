@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,7 +243,11 @@ def train_step(model, strategy, optimizer, scheduler, source: dict, target: dict
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
     strategy.after_step(model, ctx)
-    scheduler.step()
+    with warnings.catch_warnings():
+        # A GradScaler that skips an overflowing fp16 step skips optimizer.step(), and LambdaLR then warns that the
+        # schedule stepped first; skipping is the scaler's design, so the warning is noise.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
     return losses
 
 
@@ -352,7 +357,7 @@ class Parts:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        runtime.load_scaler_state(self.scaler, state["scaler"])  # also across AMP modes (bf16 <-> fp16)
         self.strategy.load_state_dict(state["strategy"])
 
 
@@ -368,7 +373,7 @@ def build_parts(cfg: Config, dist: runtime.Distributed, max_iters: int) -> Parts
     lr_factor = poly_schedule(max_iters, t.poly_power, t.warmup_iters, t.poly_horizon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     amp_dtype = runtime.autocast_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = runtime.grad_scaler(device, amp_dtype)  # on for fp16 only, CUDA or CPU
     ctx = StepContext(max_iters, device, amp_dtype, scaler, lr_factor, t.accumulate)
     # DDP wraps the model only for the loop; the unwrapped model is what is saved, restored and validated.
     train_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
