@@ -35,6 +35,10 @@ class DatasetConfig:
     domain: Literal["source", "target"] = "target"
     list_file: str | None = None  # gta5: optional text file of image names (e.g. 00001.png), one per line
     pseudo_labels: str | None = None  # cityscapes: folder of train-id pseudo-label PNGs used as labels
+    # What the label PNGs hold: `auto` tells it from the values and modes of a sample of the files (README,
+    # "Data"); `label_ids` (Cityscapes ids 0..33), `train_ids` (0..18, 255 = ignore) or `color` (RGB in the
+    # Cityscapes palette) override the detection.
+    label_form: Literal["auto", "label_ids", "train_ids", "color"] = "auto"
 
 
 @dataclass
@@ -75,6 +79,10 @@ class DataConfig:
     val: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="val"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Folder of the prepared copies `python -m datasets prepare` writes (images and train-id labels at each
+    # role's size); the loaders read a complete matching entry there instead of the PNGs, and the PNGs otherwise.
+    # null = never look.
+    cache: str | None = "data/cache"
 
 
 @dataclass
