@@ -128,7 +128,7 @@ class CacheEntry:
         valid = (progress[:, 0] >= 0) & np.all(progress[:, 1:] == self.fingerprints, axis=1)
         changed = int(np.count_nonzero((progress[:, 0] >= 0) & ~valid))
         return (f"incomplete ({int(valid.sum())} of {len(self.files)} items"
-                + (f"; {changed} files changed since" if changed else "") + ")")
+                + (f"; {changed} file{'s' if changed > 1 else ''} changed since" if changed else "") + ")")
 
     def report_unused(self) -> None:
         """Say once per process why the loader reads the files: only when the cache folder exists at all."""
