@@ -93,7 +93,7 @@ def _scan_one(index: int) -> tuple[int, list[str], int]:
     ds, problems, off = _SCAN["dataset"], [], 0
     if _SCAN["images"]:
         try:
-            read_image(ds.images[index])
+            read_image(ds.images[index], strict=True)
         except DatasetError as exc:
             problems.append(str(exc))
     if ds.labels is not None:
@@ -127,8 +127,9 @@ def check(built: dict, workers: int, images: bool, progress: bool = True) -> int
                 _SCAN.update(dataset=ds, images=images)
                 results = list(_tick(map(_scan_one, indices), bar))
             bar.close()
+            already = {problem.split(": ", 1)[0] for problem in problems}  # one line per bad file
             for index, found, off in sorted(results):
-                problems += found
+                problems += [problem for problem in found if problem.split(": ", 1)[0] not in already]
                 if off:
                     off_files.append((off, ds.label_path(index)))
             off_total = sum(off for off, _ in off_files)
@@ -143,7 +144,7 @@ def check(built: dict, workers: int, images: bool, progress: bool = True) -> int
         print(line)
         if off_files:
             worst = ", ".join(f"{path.name} ({off})" for off, path in sorted(off_files, reverse=True)[:5])
-            print(f"{role}: {off_total} label pixels in {len(off_files)} files have colours outside the Cityscapes "
+            print(f"{role}: {off_total} label pixels in {len(off_files)} file{'s' if len(off_files) > 1 else ''} have colours outside the Cityscapes "
                   f"palette and read as ignore (255); most in {worst}")
         total_problems += len(problems)
     return total_problems

@@ -56,10 +56,13 @@ def _spng_decode(data: bytes, path: Path, what: str, colour_type: int, fmt: str)
         raise DatasetError(f"{path}: unreadable or truncated {what} ({exc})") from None
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """Decode an image file to raw RGB pixels, `uint8 [3, H, W]` (a channels-last view: fast to resize)."""
+def read_image(path: Path, strict: bool = False) -> torch.Tensor:
+    """Decode an image file to raw RGB pixels, `uint8 [3, H, W]` (a channels-last view: fast to resize).
+
+    `strict`: decode with PIL, which verifies the compressed stream (pyspng skips the checksums, so a file
+    corrupted inside can decode to wrong pixels without an error): what the full scan `--check --images` uses."""
     pixels = None
-    if str(path).lower().endswith(".png"):
+    if not strict and str(path).lower().endswith(".png"):
         data = _read_bytes(path, "image")
         pixels = _spng_decode(data, path, "image", 2, "RGB")
     if pixels is None:
