@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as exc:
         sys.exit(f"error: {exc}")
 
+    if not has_pyspng():
+        print(f"note: {PYSPNG_HINT}", file=sys.stderr)
     print(f"{'role':8s}{'data set':12s}{'split':8s}{'images':>8s}  root")
     for role, ds in built.items():
         ds_cfg = getattr(cfg.data, role)

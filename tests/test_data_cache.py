@@ -179,3 +179,42 @@ def test_prepare_errors_are_one_line(tmp_path, capsys):
         warnings.simplefilter("ignore")
         code = cli.main_prepare(["--config", str(config), "--roles", "source", "--quiet", f"data.cache={tmp_path / 'c'}"])
     assert code == 1 and "labels/00002.png: unreadable or truncated label PNG" in capsys.readouterr().err
+
+
+def test_without_pyspng_the_same_pixels_and_one_line_naming_the_install(tmp_path, monkeypatch, capsys):
+    import datasets.io as io
+
+    write_gta5_form(tmp_path / "GTA5", "gta5_trainids", count=2)
+    with_spng = GTA5Dataset(tmp_path / "GTA5", SIZE)
+    fast = [with_spng[i] for i in range(2)]
+    monkeypatch.setattr(io, "_spng", None)
+    assert_same_items(GTA5Dataset(tmp_path / "GTA5", SIZE), fast)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  source: {{name: gta5, root: '{tmp_path / 'GTA5'}', size: {SIZE}}}\n"
+                      f"  cache: '{tmp_path / 'cache'}'\n")
+    assert cli.main_prepare(["--config", str(config), "--roles", "source", "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "pyspng" in line]
+    assert notes == ["note: pyspng is not installed: PNGs are decoded with PIL, about 1.4x slower (pip install pyspng)"]
+
+
+def test_benchmark_data_mode_reports_both_forms(tmp_path, capsys):
+    import json
+
+    import benchmark
+
+    write_gta5_form(tmp_path / "GTA5", "gta5_color", count=3)
+    write_cityscapes_form(tmp_path / "cs", "cityscapes_official")
+    config = tmp_path / "b.yaml"
+    config.write_text(f"data:\n  source: {{name: gta5, root: '{tmp_path / 'GTA5'}', size: {SIZE}}}\n"
+                      f"  target: {{name: cityscapes, root: '{tmp_path / 'cs'}', split: train, size: {SIZE}}}\n"
+                      f"  val: {{name: cityscapes, root: '{tmp_path / 'cs'}', split: val, size: {SIZE}}}\n"
+                      f"  augment: {{hflip: 0.5}}\n  cache: '{tmp_path / 'cache'}'\n")
+    before = snapshot(tmp_path)
+    assert benchmark.main(["--data", "--config", str(config), "--iters", "2", "--workers", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["roles"]) == {"source", "target"} and result["workers"] == 1
+    source = result["roles"]["source"]
+    assert source["items"] == 2 and source["augment"] and source["size"] == f"{SIZE[0]}x{SIZE[1]}"
+    assert min(source["uncached"]["per_core"], source["cached"]["per_worker"], source["speedup_per_core"]) > 0
+    assert snapshot(tmp_path) == before  # its cache lived in a temporary folder, now gone
+    assert benchmark.main(["--data", "--runs", str(tmp_path)]) == 2
