@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from datasets.forms import COLOUR_TYPES, ENCODINGS, decode_train_ids, detect_encoding
+from datasets.forms import COLOUR_TYPES, DESCRIPTIONS, ENCODINGS, decode_train_ids, detect_encoding
 from datasets.io import DatasetError, png_header, read_image
 from datasets.transforms import augment_sample, resize_image, resize_label
 
 MAX_ASPECT_CHANGE = 0.10  # pre-flight: a label whose aspect ratio differs more from its image's is mispaired
+OFF_PALETTE_SLOTS = 65  # the main process and up to 64 DataLoader workers
 CHECK_THREADS = 16  # header reads are I/O: threads overlap them (network file systems gain the most)
 
 
@@ -40,8 +41,7 @@ class ImageLabelDataset(Dataset):
 
     def __init__(self, images: list[Path], labels: list[Path] | None, names: list[str], size,
                  label_encoding: str = "auto", encoding_hint: str | None = None, full_labels: bool = False,
-                 augment=None, seed: int = 0, cache=None, label_form_key: str = "label_form",
-                 allow_size_mismatch: bool = True):
+                 augment=None, seed: int = 0, cache=None, label_form_key: str = "label_form"):
         if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
             raise DatasetError(f"size = {size!r}: expected [width, height], two positive ints")
         if full_labels and augment is not None:
@@ -53,7 +53,6 @@ class ImageLabelDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.label_form_key = label_form_key
-        self.allow_size_mismatch = allow_size_mismatch
         self.form_notes: list[str] = []
         self.label_encoding = None
         if labels is not None:
@@ -69,8 +68,10 @@ class ImageLabelDataset(Dataset):
                 raise DatasetError(f"{label_form_key} = {label_encoding!r}: expected auto or one of {', '.join(ENCODINGS)}")
         # In shared memory, so DataLoader workers (persistent ones included) see set_epoch from the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        # [off-palette pixels, files with some, reported?], shared by the workers: one report per run
-        self._off_palette = torch.zeros(3, dtype=torch.int64).share_memory_()
+        # Off-palette colour pixels and files: one row per DataLoader worker (row 0: the main process), so no two
+        # processes add to one number; plus the flag that makes the report happen once per run. Shared memory.
+        self._off_palette = torch.zeros(OFF_PALETTE_SLOTS, 2, dtype=torch.int64).share_memory_()
+        self._off_palette_reported = torch.zeros((), dtype=torch.int64).share_memory_()
         self.cache_dir = None
         self._image_entry = self._label_entry = None  # complete cache entries in use
         if cache is not None:
@@ -84,7 +85,6 @@ class ImageLabelDataset(Dataset):
         """One line: the layout and label form read (subclasses name their layouts)."""
         if self.labels is None:
             return "images only"
-        from datasets.forms import DESCRIPTIONS
         return DESCRIPTIONS[self.label_encoding]
 
     def __len__(self) -> int:
@@ -114,12 +114,19 @@ class ImageLabelDataset(Dataset):
             self._report_off_palette(self.label_path(index), off)
         return train_ids
 
+    @property
+    def off_palette(self) -> tuple[int, int]:
+        """(pixels, files) read so far with colours outside the Cityscapes palette, over every worker."""
+        pixels, files = self._off_palette.sum(0).tolist()
+        return pixels, files
+
     def _report_off_palette(self, path: Path, count: int) -> None:
-        counter = self._off_palette
-        counter[0] += count
-        counter[1] += 1
-        if int(counter[2]) == 0:  # the first one in any process of this run (the counter is shared)
-            counter[2] = 1
+        worker = get_worker_info()
+        slot = 0 if worker is None else 1 + worker.id % (OFF_PALETTE_SLOTS - 1)
+        self._off_palette[slot, 0] += count
+        self._off_palette[slot, 1] += 1
+        if int(self._off_palette_reported) == 0:  # the first one in any process of this run (shared flag)
+            self._off_palette_reported.fill_(1)
             warnings.warn(f"{path}: {count} label pixels have colours outside the Cityscapes palette; they are read "
                           "as ignore (255). Reported once per run; `python -m datasets --config FILE --check` counts "
                           "them in every file", stacklevel=3)
@@ -200,8 +207,8 @@ class ImageLabelDataset(Dataset):
             else:
                 self._label_entry = entry
                 pixels, files = entry.manifest.get("off_palette_pixels", 0), entry.manifest.get("off_palette_files", 0)
-                if pixels and int(self._off_palette[2]) == 0:
-                    self._off_palette[2] = 1
+                if pixels and int(self._off_palette_reported) == 0:
+                    self._off_palette_reported.fill_(1)
                     warnings.warn(f"{self.describe_root()}: {pixels} label pixels in {files} files have colours outside "
                                   "the Cityscapes palette; they are read as ignore (255) (counted by `python -m datasets "
                                   "prepare`)", stacklevel=3)
@@ -217,7 +224,8 @@ class ImageLabelDataset(Dataset):
         part.images, part.names = self.images[:count], self.names[:count]
         part.labels = None if self.labels is None else self.labels[:count]
         part.cache_dir, part._image_entry, part._label_entry = None, None, None
-        part._off_palette = torch.zeros(3, dtype=torch.int64).share_memory_()
+        part._off_palette = torch.zeros(OFF_PALETTE_SLOTS, 2, dtype=torch.int64).share_memory_()
+        part._off_palette_reported = torch.zeros((), dtype=torch.int64).share_memory_()
         return part
 
     # ---------------------------------------------------------------------------------------- pre-flight
@@ -267,10 +275,6 @@ class ImageLabelDataset(Dataset):
                     problems.append(f"{path}: label is {header.width}x{header.height}, its image {image} is "
                                     f"{image_header.width}x{image_header.height}: expected the same size (or the "
                                     "same aspect ratio, resized); is the label paired with the right image?")
-                elif not self.allow_size_mismatch and (header.width, header.height) != (image_header.width,
-                                                                                           image_header.height):
-                    problems.append(f"{path}: label is {header.width}x{header.height}, expected its image's size "
-                                    f"{image_header.width}x{image_header.height}")
         return problems
 
 

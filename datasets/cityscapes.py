@@ -85,6 +85,8 @@ class CityscapesDataset(ImageLabelDataset):
         super().__init__(images, label_files, names, size, label_encoding=encoding, encoding_hint=hint,
                          full_labels=full_labels, augment=augment, seed=seed, cache=cache,
                          label_form_key=label_form_key)
+        if pseudo_labels is not None and labels:
+            self.form_notes = ["pseudo-labels are train ids (what `adapt.py pseudo-labels` writes)"]
         self.form_notes += notes
 
     def describe_root(self) -> str:
