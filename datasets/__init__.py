@@ -7,8 +7,9 @@
     check_dataset(source)                                    # pre-flight: headers of every file, seconds
 
 `DATASETS` is a plain dict name -> builder(ds_cfg, cfg, role). The label form of each set is detected from its
-files (`data.<role>.label_form` overrides it) and a prepared cache in `data.cache` is read when it matches. `synthetic` generates the two synthetic domains
-on first use and reads them with the real loaders, so the code that runs on the real data sets is what runs.
+files (`data.<role>.label_form` overrides it), and a prepared cache in `data.cache` is read where it matches.
+`synthetic` generates the two synthetic domains on first use and reads them with the real loaders, so the code
+that runs on the real data sets is what runs.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def build_dataset(ds_cfg: DatasetConfig, cfg: Config, role: str):
 
 
 def check_dataset(dataset) -> int:
-    """The pre-flight check the trainer runs before the first step (`ImageLabelDataset.check_files`): every
+    """The pre-flight check for the trainer to run before the first step (`ImageLabelDataset.check_files`): every
     file present and a complete PNG, every label of the colour type / bit depth of its detected form, label
     sizes that fit their images. Headers only: seconds for 25,000 files. Raises one DatasetError naming the
     first bad file and what was expected; returns the number of files checked."""
