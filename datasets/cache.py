@@ -322,8 +322,8 @@ def prepare_dataset(dataset, role: str, workers: int, progress: bool = True) -> 
                 pool = None
             for entry, fd in zip(entries, fds):
                 entry.save_progress(fd)
-            done = sum(int(np.count_nonzero(e.progress[:, 0] >= 0)) for e in entries)
-            total = sum(len(e.files) for e in entries)
+            done = int(np.count_nonzero(np.all([e.progress[:, 0] >= 0 for e in entries], axis=0)))
+            total = len(entries[0].files)
             raise PrepareInterrupted(f"interrupted: {done} of {total} {role} items are in {cache_dir} and kept; "
                                      "run the same command again to continue") from None
         except BaseException:

@@ -117,7 +117,7 @@ def test_an_interrupted_prepare_is_never_half_used_and_continues(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cache, "_work", interrupted)
-        with pytest.raises(PrepareInterrupted, match=r"interrupted: 4 of 12 source items are in .* run the same command"):
+        with pytest.raises(PrepareInterrupted, match=r"interrupted: 2 of 6 source items are in .* run the same command"):
             prepare_dataset(ds, "source", workers=1, progress=False)
     assert [e.status() for e in ds.cache_entries()] == ["incomplete (2 of 6 items)"] * 2
     with pytest.warns(UserWarning, match=r"is incomplete \(2 of 6 items\).*reading the original files"):
