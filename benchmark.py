@@ -328,7 +328,8 @@ TABLES = ("cityscapes", "domain-shift", "augmentations", "adaptation")
 AUGMENTATIONS = ("hflip", "scale_crop", "color_jitter", "blur", "brightness", "noise", "grayscale")
 # Keys that do not change what a run learns: runs differing only in these (and the seed) are one row.
 NOT_RESULT_KEYS = ("seed", "name", "train.workers", "train.log_interval", "train.checkpoint_interval",
-                   "train.vis_images", "data.source.root", "data.target.root", "data.val.root")
+                   "train.vis_images", "data.source.root", "data.target.root", "data.val.root",
+                   "data.cache")  # the cache gives byte-identical items
 MODEL_NAMES = {"deeplabv2": "DeepLabV2", "bisenet": "BiSeNet"}
 BACKBONE_NAMES = {"resnet18": "R18", "resnet101": "R101"}
 
