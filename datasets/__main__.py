@@ -113,7 +113,7 @@ def check(built: dict, workers: int, images: bool, progress: bool = True) -> int
         problems = ds.file_problems()
         header_bad = len(problems)
         if ds.labels is None and not images:
-            scanned = "headers only (images only; --images decodes them)"
+            scanned = "no labels to decode (--images decodes the images)"
             off_total, off_files = 0, []
         else:
             indices = range(len(ds))
