@@ -330,7 +330,8 @@ TABLES = ("cityscapes", "domain-shift", "augmentations", "adaptation")
 AUGMENTATIONS = ("hflip", "scale_crop", "color_jitter", "blur", "brightness", "noise", "grayscale")
 # Keys that do not change what a run learns: runs differing only in these (and the seed) are one row.
 NOT_RESULT_KEYS = ("seed", "name", "train.workers", "train.log_interval", "train.checkpoint_interval",
-                   "train.vis_images", "data.source.root", "data.target.root", "data.val.root")
+                   "train.vis_images", "data.source.root", "data.target.root", "data.val.root",
+                   "data.cache")  # the cache gives byte-identical items
 MODEL_NAMES = {"deeplabv2": "DeepLabV2", "bisenet": "BiSeNet"}
 BACKBONE_NAMES = {"resnet18": "R18", "resnet101": "R101"}
 
@@ -1345,6 +1346,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                             "(default: runs/gpu_check.json)")
     parser.add_argument("--tiny", action="store_true", help="--gpu-check: tiny sizes, 1 step (with --device cpu: "
                         "a smoke test of the check itself)")
+    parser.add_argument("--data", action="store_true", help="time the data loaders (source, target) with and "
+                        "without the prepared cache instead; --iters: items per measurement (default 32)")
+    parser.add_argument("--workers", type=int, help="--data: DataLoader workers (default: train.workers, at most "
+                                                    "the cores available)")
     return parser.parse_args(argv)
 
 
@@ -1354,6 +1359,8 @@ def main(argv=None) -> int:
         for name in ("out", "tiny"):
             if getattr(args, name) and not args.gpu_check:
                 raise BenchmarkError(f"--{name} is an option of --gpu-check")
+        if args.data:
+            return _main_data(args)
         if args.runs:
             return _main_runs(args)
         if args.adaptation_table or args.step_cost:
@@ -1430,6 +1437,190 @@ def _main_config(args) -> int:
         print(json.dumps(result, indent=1))
     else:
         report(result)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- data loading (--data)
+# `benchmark.py --data --config FILE`: items/s of the config's source and target loaders as the trainer builds
+# them (source augmentations included), read from the PNGs and from a cache prepared for the same files in a
+# temporary folder (deleted at the end), in alternating rounds of one run. Per core: one process reading items
+# one after another with one torch thread; per worker: a DataLoader with W persistent workers and the config's
+# batch size (batches are collated in the workers, as in training), its items/s / W.
+DATA_ITEMS = 32
+DATA_ROUNDS = 2  # uncached and cached alternate this many times
+
+
+def _items_per_s_in_process(dataset) -> float:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for index in range(len(dataset)):
+            dataset[index]
+        return len(dataset) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _items_per_s_per_worker(dataset, workers: int, batch_size: int) -> float:
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=True)
+    for _ in loader:  # start the workers and warm the page cache
+        pass
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    rate = len(dataset) / (time.perf_counter() - start)
+    del loader
+    return rate / workers
+
+
+class _Uint8Labels(torch.utils.data.Dataset):
+    """`dataset`'s items with the label left uint8 (train ids fit): what a batch costs to move between processes
+    when int64 is made on the device instead of in the workers (an int64 label is 8x the bytes)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        item["label"] = item["label"].to(torch.uint8)
+        return item
+
+
+def _cache_format_choice(cached, count: int) -> dict:
+    """ms per item to get the resized image (and label) out of either candidate cache format, on the same items:
+    the memory-mapped uint8 arrays (what datasets/cache.py writes) and pre-resized PNGs decoded with pyspng
+    (PIL without it). The PNGs are decoded from memory, which favours them; the arrays still win by far."""
+    import io as _io
+
+    from PIL import Image
+
+    from datasets.io import _spng
+
+    entries = [e for e in (cached._image_entry, cached._label_entry) if e is not None]
+    encoded = []
+    for index in range(count):
+        for entry in entries:
+            buffer = _io.BytesIO()
+            Image.fromarray(entry.read(index)).save(buffer, format="png", compress_level=1)
+            encoded.append(buffer.getvalue())
+    start = time.perf_counter()
+    for index in range(count):
+        for entry in entries:
+            entry.read(index)
+    array_ms = 1000 * (time.perf_counter() - start) / count
+    start = time.perf_counter()
+    for data in encoded:
+        _spng.load(data) if _spng is not None else np.asarray(Image.open(_io.BytesIO(data)))
+    png_ms = 1000 * (time.perf_counter() - start) / count
+    return {"array_ms": array_ms, "png_ms": png_ms, "png_decoder": "pyspng" if _spng is not None else "PIL",
+            "array_mb": sum(e.item_nbytes for e in entries) / 1e6, "png_mb": sum(map(len, encoded)) / count / 1e6}
+
+
+def benchmark_data(cfg: Config, items: int = DATA_ITEMS, workers: int | None = None,
+                   roles: tuple[str, ...] = ("source", "target")) -> dict:
+    """Loader throughput of `roles` from the files and from the prepared cache, on the same first `items` files."""
+    import tempfile
+
+    from datasets import build_dataset
+    from datasets.cache import prepare_dataset
+    from datasets.io import has_pyspng
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = workers or max(1, min(cfg.train.workers, cores))
+    uncached_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache=None))
+    batch_size = max(1, min(cfg.train.batch_size, items))
+    result = {"config": cfg.name, "items": items, "workers": workers, "batch_size": batch_size, "cores": cores,
+              "pyspng": has_pyspng(),
+              "torch": torch.__version__, "load_avg_1m": round(os.getloadavg()[0], 2), "roles": {}}
+    for role in roles:
+        full = build_dataset(getattr(cfg.data, role), uncached_cfg, role)
+        plain = full.subset(min(items, len(full)))
+        with tempfile.TemporaryDirectory(prefix="benchmark-data-") as folder:
+            cached = full.subset(len(plain))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "not prepared yet": about to be
+                cached.attach_cache(folder)
+            start = time.perf_counter()
+            prepare_dataset(cached, role, workers, progress=False)
+            prepare_s = time.perf_counter() - start
+            cached.attach_cache(folder)
+            formats = _cache_format_choice(cached, min(8, len(cached)))
+            if not all(cached.cached.values() if plain.labels is not None else [cached.cached["images"]]):
+                raise BenchmarkError(f"{role}: the cache prepared in {folder} is not used ({cached.cached})")
+            rates = {"uncached": {"per_core": [], "per_worker": []}, "cached": {"per_core": [], "per_worker": []}}
+            for form in (plain, cached):  # untimed pass: both read warm files
+                for index in range(len(form)):
+                    form[index]
+            uint8 = []
+            for _ in range(DATA_ROUNDS):
+                for name, form in (("uncached", plain), ("cached", cached)):
+                    rates[name]["per_core"].append(_items_per_s_in_process(form))
+                    rates[name]["per_worker"].append(_items_per_s_per_worker(form, workers, batch_size))
+                if plain.labels is not None:
+                    uint8.append(_items_per_s_per_worker(_Uint8Labels(cached), workers, batch_size))
+        summary = {name: {k: float(np.median(v)) for k, v in r.items()} for name, r in rates.items()}
+        h, w = plain.size_hw
+        result["roles"][role] = {
+            "form": plain.describe_form(), "size": f"{w}x{h}", "items": len(plain),
+            "augment": plain.augment is not None, **summary,
+            "speedup_per_core": summary["cached"]["per_core"] / summary["uncached"]["per_core"],
+            "speedup_per_worker": summary["cached"]["per_worker"] / summary["uncached"]["per_worker"],
+            "prepare_items_per_s": len(plain) / prepare_s, "cache_format": formats,
+            "cached_uint8_labels_per_worker": float(np.median(uint8)) if uint8 else None}
+    return result
+
+
+def _print_data_report(r: dict) -> None:
+    print(f"{r['config']}: data loading, {r['items']} items per role, {r['workers']} DataLoader workers "
+          f"(batch {r['batch_size']}), "
+          f"{r['cores']} cores, load average {r['load_avg_1m']}, torch {r['torch']}, "
+          f"pyspng {'yes' if r['pyspng'] else 'no'}")
+    print(f"{'role':8s}{'size':>10s}  {'uncached items/s':>22s}  {'cached items/s':>22s}  {'cached / uncached':>20s}")
+    print(f"{'':18s}  {'per core':>10s}{'per worker':>12s}  {'per core':>10s}{'per worker':>12s}  "
+          f"{'per core':>9s}{'per worker':>11s}")
+    for role, x in r["roles"].items():
+        print(f"{role:8s}{x['size']:>10s}  {x['uncached']['per_core']:10.1f}{x['uncached']['per_worker']:12.1f}  "
+              f"{x['cached']['per_core']:10.1f}{x['cached']['per_worker']:12.1f}  "
+              f"{x['speedup_per_core']:8.1f}x{x['speedup_per_worker']:10.1f}x")
+    for role, x in r["roles"].items():
+        f = x["cache_format"]
+        print(f"  {role}: {x['form']}{', with the source augmentations' if x['augment'] else ''}; "
+              f"prepare wrote {x['prepare_items_per_s']:.1f} items/s; cache format, ms per item (one core): "
+              f"memory-mapped array {f['array_ms']:.2f} ({f['array_mb']:.2f} MB), pre-resized PNG with "
+              f"{f['png_decoder']} {f['png_ms']:.2f} ({f['png_mb']:.2f} MB)")
+        if x["cached_uint8_labels_per_worker"] is not None:
+            print(f"  {role}: cached, with uint8 instead of int64 labels in the batches: "
+                  f"{x['cached_uint8_labels_per_worker']:.1f} items/s per worker")
+
+
+def _main_data(args) -> int:
+    from datasets import DatasetError
+
+    if args.runs or not args.config:
+        raise BenchmarkError("--data needs --config")
+    for name in ("iters", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BenchmarkError(f"--{name} {value}: expected a positive integer")
+    cfg = load_config(args.config, args.overrides)
+    from datasets.io import PYSPNG_HINT, has_pyspng
+
+    if not has_pyspng():
+        print(f"benchmark.py: note: {PYSPNG_HINT}", file=sys.stderr)
+    try:
+        result = benchmark_data(cfg, args.iters or DATA_ITEMS, args.workers)
+    except DatasetError as exc:
+        raise BenchmarkError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _print_data_report(result)
     return 0
 
 

@@ -39,6 +39,10 @@ class DatasetConfig:
     # How images are resized to `size` (labels always nearest): `bicubic` is what AdaptSegNet, FDA and DACS do
     # to GTA5 (PIL BICUBIC; torchvision's antialiased bicubic matches it to 1 grey level).
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # What the label PNGs hold: `auto` tells it from the values and modes of a sample of the files (README,
+    # "Data"); `label_ids` (Cityscapes ids 0..33), `train_ids` (0..18, 255 = ignore) or `color` (RGB in the
+    # Cityscapes palette) override the detection.
+    label_form: Literal["auto", "label_ids", "train_ids", "color"] = "auto"
 
 
 @dataclass
@@ -99,6 +103,10 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     rcs: RareClassConfig = field(default_factory=RareClassConfig)
+    # Folder of the prepared copies `python -m datasets prepare` writes (images and train-id labels at each
+    # role's size); the loaders read a complete matching entry there instead of the PNGs, and the PNGs otherwise.
+    # null = never look.
+    cache: str | None = "data/cache"
 
 
 @dataclass

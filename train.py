@@ -41,7 +41,7 @@ from tqdm import tqdm
 import runtime
 from adapt import STRATEGIES, Strategy, build_strategy
 from config import Config, ConfigError, dump_config, learning_differences, load_config, parse_duration, to_dict
-from datasets import DatasetError, build_dataset
+from datasets import DatasetError, build_dataset, check_dataset
 from eval import CLASS_NAMES, colorize, evaluate, iou_table, metrics_from_confusion
 from models import build_model
 
@@ -291,6 +291,9 @@ def build_data(cfg: Config, dist: runtime.Distributed) -> Data:
     if getattr(STRATEGIES.get(cfg.adapt.name), "needs_target", False):
         target_set = build_dataset(cfg.data.target, cfg, "target")
         steps_per_epoch(len(target_set), per_rank_batch, dist.world_size, "target")
+    for dataset in (source_set, target_set, val_set):  # every file present, every header as expected: seconds
+        if dataset is not None:
+            check_dataset(dataset)
     max_iters = t.iters if t.iters is not None else t.epochs * epoch_steps
     return Data(source_set, val_set, target_set, per_rank_batch, max_iters)
 

@@ -1,7 +1,9 @@
 """GTA5 (Playing for Data) in its released layout:
 
     root/images/NNNNN.png     RGB frames, mostly 1914x1052
-    root/labels/NNNNN.png     palettised PNGs whose palette indices are Cityscapes label ids
+    root/labels/NNNNN.png     official: palettised PNGs whose palette indices are Cityscapes label ids;
+                              the course subset and other re-saves: RGB colours of the Cityscapes palette,
+                              or train ids (datasets/forms.py tells them apart from the files)
 
 UDA work trains on all 24,966 frames (or the names in `list_file`). A few label maps differ in size from
 their image by some pixels; they are resized (nearest) like every label, and counted in one warning.
@@ -18,10 +20,24 @@ from datasets.io import DatasetError, png_size
 _warned_roots: set[str] = set()  # one size-mismatch warning per root and process
 
 
-class GTA5Dataset(ImageLabelDataset):
-    """GTA5 frames resized (bilinear, antialiased) and labels (nearest) to `size` = [w, h] (protocol 1280x720)."""
+FORMS = {
+    "label_ids": "GTA5 official: labels/NNNNN.png hold Cityscapes label ids (palettised PNGs)",
+    "color": "GTA5 colour labels: labels/NNNNN.png are RGB in the Cityscapes palette (the course subset)",
+    "train_ids": "GTA5 re-saved as train ids: labels/NNNNN.png hold train ids 0..18, 255 = ignore",
+}
 
-    def __init__(self, root, size, list_file=None, augment=None, seed: int = 0, labels: bool = True):
+
+class GTA5Dataset(ImageLabelDataset):
+    """GTA5 frames resized (bilinear, antialiased) and labels (nearest) to `size` = [w, h] (protocol 1280x720).
+
+    `label_form`: `auto` (detected from the label files) or an encoding of datasets/forms.py; `cache`: the
+    folder of prepared caches (`data.cache`), None to read the PNGs always."""
+
+    dataset_name = "GTA5"
+
+    def __init__(self, root, size, list_file=None, augment=None, seed: int = 0, labels: bool = True,
+                 label_form: str = "auto", cache=None, label_form_key: str = "label_form",
+                 interpolation: str = "bilinear"):
         self.root = Path(root)
         image_dir, label_dir = self.root / "images", self.root / "labels"
         if not image_dir.is_dir() or (labels and not label_dir.is_dir()):
@@ -48,7 +64,16 @@ class GTA5Dataset(ImageLabelDataset):
                 warnings.warn(f"GTA5 '{root}': {len(self.mismatched)} of {len(names)} label maps differ in size "
                               f"from their image ({shown}); resizing those labels with nearest", stacklevel=2)
         stems = [Path(name).stem for name in names]
-        super().__init__(images, label_files, stems, size, augment=augment, seed=seed)
+        super().__init__(images, label_files, stems, size, label_encoding=label_form, augment=augment, seed=seed,
+                         cache=cache, label_form_key=label_form_key, interpolation=interpolation)
+
+    def describe_root(self) -> str:
+        return f"GTA5 '{self.root}'"
+
+    def describe_form(self) -> str:
+        if self.labels is None:
+            return "GTA5 layout (images/NNNNN.png), images only"
+        return FORMS[self.label_encoding]
 
 
 def _read_list(list_file, image_dir: Path) -> list[str]:

@@ -6,8 +6,11 @@ GTA5 and Cityscapes label PNGs both hold Cityscapes label ids (0..33); training 
     train_ids = label_ids_to_train_ids(np.asarray(Image.open(path)), path)
     label_ids = train_ids_to_label_ids(prediction)      # what cityscapesscripts' evaluator reads
     rgb = colorize(train_ids)                            # [..., 3] uint8, ignore drawn black
+    train_ids, off = colours_to_train_ids(rgb_label)      # colour labels (Cityscapes palette) -> train ids
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -37,8 +40,48 @@ for _train_id, _label in _TRAIN_ID_TO_LABEL.items():
 # 256-entry colour table: the 19 class colours, black for ignore and anything else.
 _COLOURS = np.zeros((256, 3), dtype=np.uint8)
 _COLOURS[:NUM_CLASSES] = PALETTE
-for _table in (PALETTE, ID_TO_TRAIN_ID, TRAIN_ID_TO_ID, _COLOURS):
+# Colour labels (GTA5 re-saves, gtFine_color): cityscapesscripts' colour of a train class -> its train id, the
+# colour of any other Cityscapes label -> 255. Two colours are shared: 'polegroup' has the colour of 'pole' and
+# 'license plate' that of 'car'; a colour image cannot tell them apart, so they read as the train class.
+# Any colour outside the palette is OFF_PALETTE here, counted, then ignored (255).
+OFF_PALETTE = 254
+COLOUR_TO_TRAIN_ID: dict[tuple[int, int, int], int] = {}
+for _label in _OFFICIAL_LABELS:
+    _train_id = _label.trainId if 0 <= _label.trainId < NUM_CLASSES else IGNORE_INDEX
+    if COLOUR_TO_TRAIN_ID.get(tuple(_label.color), IGNORE_INDEX) == IGNORE_INDEX:
+        COLOUR_TO_TRAIN_ID[tuple(_label.color)] = _train_id
+# label id -> its colour (the palette official GTA5 label PNGs carry), for telling palettised forms apart
+LABEL_ID_COLOURS = np.zeros((MAX_LABEL_ID + 1, 3), dtype=np.uint8)
+for _label in _OFFICIAL_LABELS:
+    if _label.id >= 0:
+        LABEL_ID_COLOURS[_label.id] = _label.color
+for _table in (PALETTE, ID_TO_TRAIN_ID, TRAIN_ID_TO_ID, _COLOURS, LABEL_ID_COLOURS):
     _table.setflags(write=False)
+
+
+@functools.cache
+def _colour_table() -> np.ndarray:
+    """uint8 [2**24]: packed 0xRRGGBB -> train id, 255, or OFF_PALETTE (16 MB, built once per process)."""
+    table = np.full(1 << 24, OFF_PALETTE, dtype=np.uint8)
+    for (r, g, b), train_id in COLOUR_TO_TRAIN_ID.items():
+        table[r << 16 | g << 8 | b] = train_id
+    table.setflags(write=False)
+    return table
+
+
+def colours_to_train_ids(rgb: np.ndarray) -> tuple[np.ndarray, int]:
+    """uint8 RGB [H, W, 3] in the Cityscapes palette -> (uint8 train ids [H, W], number of off-palette pixels).
+
+    Off-palette pixels become 255 (ignore): a stray colour (an antialiased edge, a re-save) is never a crash."""
+    packed = rgb[..., 0].astype(np.uint32) << 16
+    packed |= rgb[..., 1].astype(np.uint32) << 8
+    packed |= rgb[..., 2]
+    train_ids = _colour_table()[packed]
+    off = train_ids == OFF_PALETTE
+    count = int(np.count_nonzero(off))
+    if count:
+        train_ids[off] = IGNORE_INDEX
+    return train_ids, count
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray, path: object = "<array>") -> np.ndarray:

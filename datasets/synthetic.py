@@ -10,6 +10,12 @@ writes
     DIR/Cityscapes/gtFine/{train,val}/{city}/{city}_{seq:06d}_000019_gtFine_labelIds.png   (mode 'L' label ids)
     DIR/synthetic.json                                                          (the parameters used)
 
+Cities are named `synthtrain0..2` and `synthval0..2`, never real Cityscapes cities, so a generated name is never
+mistaken for a real frame. `--out` must be a new or empty folder, or a tree this generator wrote with the same
+settings (rewritten in place, e.g. after an interruption): anything else is refused, nothing is overwritten.
+`--photo-like` adds per-pixel sensor noise, so the PNGs are as large and as slow to decode as real photographs
+(about 3.3 MB for a 1914x1052 frame): what the loader benchmark (`benchmark.py --data`) needs.
+
 Both domains draw the same kind of scene (a road in perspective to a vanishing point, sidewalks, facades,
 vegetation, poles with signs and lights, vehicles, people) from one pinhole camera, so the classes mean the
 same thing in both. They differ the way GTA5 and Cityscapes do: the source is flat-shaded with saturated
@@ -52,14 +58,18 @@ for _label in CITYSCAPES_LABELS:
     if 0 <= _label.id < 256:
         LABEL_PALETTE[3 * _label.id: 3 * _label.id + 3] = _label.color
 
-TRAIN_CITIES = ("aachen", "bochum", "bremen")
-VAL_CITIES = ("frankfurt", "lindau", "munster")
+# clearly synthetic city names (no real Cityscapes city), in the order the old names sorted, so the loaders'
+# sorted order of the scenes is unchanged
+TRAIN_CITIES = ("synthtrain0", "synthtrain1", "synthtrain2")
+VAL_CITIES = ("synthval0", "synthval1", "synthval2")
 FRAME = 19  # Cityscapes' annotated frame of each snippet is frame 000019
 DOMAIN_CODES = {"source": 0, "target": 1, "val": 2}
 # zlib level 1 with the run-length strategy (zlib's Z_RLE = 3): as small as the default level 6 on these
 # images (PNG's row filters leave runs and small residuals) and several times faster to write
 PNG_OPTIONS = {"compress_level": 1, "compress_type": 3}
 MANIFEST = "synthetic.json"
+PARTIAL = "synthetic.partial"  # present while a tree is being written: a tree with it is incomplete
+PHOTO_NOISE_STD = 3.5  # --photo-like: sensor noise on the 0-255 scale (a GTA5-sized PNG grows to ~3.3 MB)
 
 
 # ------------------------------------------------------------------------------------------ domains
@@ -554,16 +564,62 @@ def validate(cfg: SyntheticConfig, cli: bool = False) -> None:
             raise ConfigError(f"{name} = {value!r}: expected an int >= {lo}")
 
 
-def generate(out: str | Path, cfg: SyntheticConfig, progress: bool = False) -> Path:
-    """Write both domains under `out` (created; existing files are overwritten) and return its path."""
+def _manifest_of(cfg: SyntheticConfig, photo_like: bool) -> dict:
+    manifest = dataclasses.asdict(cfg)
+    if photo_like:  # only when used, so the manifests of ordinary trees stay what ensure_generated compares
+        manifest["photo_like"] = True
+    return manifest
+
+
+def _differences(found: dict, wanted: dict) -> str:
+    return ", ".join(f"{k}: {found.get(k)!r} on disk, {wanted.get(k)!r} asked for"
+                     for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k))
+
+
+def check_out(out: Path, wanted: dict) -> None:
+    """Refuse to write into anything but a new or empty folder or a synthetic tree of the same settings."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, expected a folder (new, empty, or a synthetic tree)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    manifest = out / MANIFEST
+    try:
+        found = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"--out {out}: is not empty and has no readable {MANIFEST}, so it is not a synthetic tree "
+                          "this generator wrote; refusing to write into it (choose a new or empty folder)") from None
+    if found != wanted:
+        raise ConfigError(f"--out {out}: holds a synthetic tree generated with other settings "
+                          f"({_differences(found, wanted)}); delete it or choose another folder")
+
+
+def photo_like(image: np.ndarray, seed: int, domain: str, index: int) -> np.ndarray:
+    """`image` with per-pixel Gaussian sensor noise (its own stream: the scene itself is unchanged)."""
+    rng = np.random.default_rng([seed, DOMAIN_CODES[domain], index, 1])
+    noisy = image.astype(np.float32) + rng.standard_normal(image.shape, dtype=np.float32) * np.float32(PHOTO_NOISE_STD)
+    return np.clip(noisy, 0, 255, out=noisy).round().astype(np.uint8)
+
+
+def generate(out: str | Path, cfg: SyntheticConfig, progress: bool = False, photo: bool = False) -> Path:
+    """Write both domains under `out` and return its path.
+
+    `out` must be new, empty, or a tree this generator wrote with the same settings (then rewritten in place);
+    anything else is a ConfigError and nothing is written. `photo`: photo-like frames (see `photo_like`)."""
     validate(cfg)
     out = Path(out)
+    wanted = _manifest_of(cfg, photo)
+    check_out(out, wanted)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps(wanted, indent=1) + "\n")  # first: the tree is ours from here on
+    (out / PARTIAL).write_text("generation in progress or interrupted; rerun the same command to finish\n")
     jobs = [("source", i) for i in range(cfg.num_source)]
     jobs += [("target", i) for i in range(cfg.num_target)] + [("val", i) for i in range(cfg.num_val)]
     made = set()
     start = time.perf_counter()
     for n, (domain, index) in enumerate(jobs):
         image, label = render_scene(domain, index, cfg.seed, cfg.height, cfg.width)
+        if photo:
+            image = photo_like(image, cfg.seed, domain, index)
         if domain == "source":
             image_path = out / "GTA5" / "images" / f"{index + 1:05d}.png"
             label_path = out / "GTA5" / "labels" / f"{index + 1:05d}.png"
@@ -587,7 +643,7 @@ def generate(out: str | Path, cfg: SyntheticConfig, progress: bool = False) -> P
             print(f"\r{n + 1}/{len(jobs)} images, {rate:.0f} images/s", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    (out / MANIFEST).write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    (out / PARTIAL).unlink()
     return out
 
 
@@ -616,11 +672,12 @@ def ensure_generated(root: str | Path, cfg: SyntheticConfig) -> Path:
     if not manifest.is_file():
         raise ConfigError(f"{root}: exists but has no {MANIFEST}; not a synthetic data root "
                           f"(point `root` elsewhere or delete the folder to generate it)")
+    if (root / PARTIAL).exists():
+        raise ConfigError(f"{root}: an interrupted synthetic generation ({PARTIAL} is there); rerun "
+                          f"`python -m datasets.synthetic --out {root}` with the same settings, or delete the folder")
     wanted, found = dataclasses.asdict(cfg), json.loads(manifest.read_text())
     if found != wanted:
-        diff = ", ".join(f"{k}: {found.get(k)!r} on disk, {v!r} in the config" for k, v in wanted.items()
-                         if found.get(k) != v)
-        raise ConfigError(f"{root}: generated with other data.synthetic settings ({diff}); "
+        raise ConfigError(f"{root}: generated with other data.synthetic settings ({_differences(found, wanted)}); "
                           f"delete the folder to regenerate it")
     return root
 
@@ -636,15 +693,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=default.height)
     parser.add_argument("--width", type=int, default=default.width)
     parser.add_argument("--seed", type=int, default=default.seed)
+    parser.add_argument("--photo-like", action="store_true", help="add per-pixel sensor noise: PNGs as large and "
+                        "slow to decode as real photos (for benchmark.py --data)")
     args = parser.parse_args(argv)
     cfg = SyntheticConfig(num_source=args.num_source, num_target=args.num_target,
                           num_val=args.num_val if args.num_val is not None else max(1, args.num_target // 4),
                           height=args.height, width=args.width, seed=args.seed)
     try:
         validate(cfg, cli=True)
+        check_out(Path(args.out), _manifest_of(cfg, args.photo_like))
     except ConfigError as exc:
         parser.error(str(exc))
-    print(generate(args.out, cfg, progress=True))
+    print(generate(args.out, cfg, progress=True, photo=args.photo_like))
 
 
 if __name__ == "__main__":

@@ -123,3 +123,91 @@ def tiny_overrides(root: Path, **extra) -> list[str]:
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+# ------------------------------------------------------------------------------ the label forms users hold
+# (issue 9; README "Data"): the same scenes written the way each form stores them.
+CITYSCAPES_FORMS = ("cityscapes_official", "cityscapes_trainids", "cityscapes_course")
+GTA5_FORMS = ("gta5_official", "gta5_color", "gta5_trainids")
+
+
+def label_id_colours(label_ids: np.ndarray) -> np.ndarray:
+    """The cityscapesscripts colour of every label id: how the colour re-saves of GTA5 are made."""
+    from cityscapesscripts.helpers.labels import id2label
+
+    table = np.zeros((256, 3), np.uint8)
+    for label_id, label in id2label.items():
+        if 0 <= label_id < 256:
+            table[label_id] = label.color
+    return table[label_ids]
+
+
+def expected_train_ids(label_ids: np.ndarray, form: str) -> np.ndarray:
+    """What the loader must return for `label_ids` written in `form`. A colour label cannot tell 'polegroup'
+    (id 18) from 'pole' (they share a colour): it reads as pole (train id 5); the id forms ignore it."""
+    from datasets.labels import ID_TO_TRAIN_ID
+
+    train_ids = ID_TO_TRAIN_ID[label_ids].copy()
+    if form.endswith("color"):
+        train_ids[label_ids == 18] = 5
+    return train_ids
+
+
+def write_cityscapes_form(root: Path, form: str, cities: dict[str, list[str]] | None = None,
+                          per_city: int = IDS_PER_SPLIT, seed: int = 0, height: int = HEIGHT,
+                          width: int = WIDTH, both_label_files: bool = True) -> dict[str, np.ndarray]:
+    """A Cityscapes tree in `form` (CITYSCAPES_FORMS); returns {stem: label ids}.
+
+    cityscapes_official: leftImg8bit/ + *_gtFine_labelIds.png. cityscapes_trainids: what createTrainIdLabelImgs
+    leaves, *_gtFine_labelTrainIds.png next to the labelIds (only the train ids with both_label_files=False).
+    cityscapes_course: images/ + *_gtFine_labelTrainIds.png only."""
+    from datasets.labels import ID_TO_TRAIN_ID
+
+    assert form in CITYSCAPES_FORMS, form
+    cities = cities or {"train": ["aachen", "bremen"], "val": ["frankfurt"]}
+    image_dir = "images" if form == "cityscapes_course" else "leftImg8bit"
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, names in cities.items():
+        for city in names:
+            for frame in range(per_city):
+                stem = f"{city}_{frame:06d}_000019"
+                image, label_ids = random_pair(rng, height, width)
+                save_png(root / image_dir / split / city / f"{stem}_leftImg8bit.png", image)
+                gt = root / "gtFine" / split / city
+                if form == "cityscapes_official" or (form == "cityscapes_trainids" and both_label_files):
+                    save_png(gt / f"{stem}_gtFine_labelIds.png", label_ids)
+                if form != "cityscapes_official":
+                    save_png(gt / f"{stem}_gtFine_labelTrainIds.png", ID_TO_TRAIN_ID[label_ids])
+                written[stem] = label_ids
+    return written
+
+
+def write_gta5_form(root: Path, form: str, count: int = 4, seed: int = 0, height: int = HEIGHT,
+                    width: int = WIDTH) -> dict[str, np.ndarray]:
+    """A GTA5 tree in `form` (GTA5_FORMS); returns {stem: label ids}.
+
+    gta5_official: palettised label ids with the label colours as palette (as released). gta5_color: RGB colour
+    labels (the course subset). gta5_trainids: greyscale train ids (a re-saved set)."""
+    from datasets.labels import ID_TO_TRAIN_ID
+
+    assert form in GTA5_FORMS, form
+    rng = np.random.default_rng(seed)
+    written = {}
+    for index in range(count):
+        stem = f"{index + 1:05d}"
+        image, _ = random_pair(rng, height, width)
+        _, label_ids = random_pair(rng, height, width)
+        save_png(root / "images" / f"{stem}.png", image)
+        label_path = root / "labels" / f"{stem}.png"
+        if form == "gta5_official":
+            img = Image.fromarray(label_ids)
+            img.putpalette(label_id_colours(np.arange(256, dtype=np.uint8)).ravel().tolist())
+            label_path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(label_path)
+        elif form == "gta5_color":
+            save_png(label_path, label_id_colours(label_ids))
+        else:
+            save_png(label_path, ID_TO_TRAIN_ID[label_ids])
+        written[stem] = label_ids
+    return written

@@ -224,7 +224,10 @@ def test_data_error_mid_run_saves_last_and_is_one_line(data_root, tmp_path):
     source = build_dataset(cfg.data.source, cfg, "source")
     order = list(runtime.EpochSampler(len(source), cfg.seed))
     broken = source.labels[order[2]]  # in the second batch of the first epoch
-    broken.write_bytes(broken.read_bytes()[:60])  # the header survives, the pixels do not
+    raw = bytearray(broken.read_bytes())  # headers and end chunk intact (the pre-flight check passes), pixels not
+    start = raw.index(b"IDAT") + 6
+    raw[start:start + 24] = bytes(range(24))
+    broken.write_bytes(bytes(raw))
     work = tmp_path / "runs"
     proc = subprocess.run([sys.executable, "train.py", "--config", str(SOURCE_ONLY), *overrides,
                            "--work-dir", str(work)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
@@ -301,3 +304,16 @@ def test_max_wall_time_stops_with_last_saved_and_resume_auto_finishes(data_root,
     resumed = train.train(load_config(SOURCE_ONLY, tiny_overrides(data_root, **{"train.iters": 4})), work_dir=work,
                           resume="auto")
     assert resumed == run_dir and json.loads((run_dir / "metrics.json").read_text())["iterations"] == 4
+
+
+def test_a_truncated_label_is_found_before_the_first_step(data_root, tmp_path, capsys):
+    """The pre-flight check reads every file's header and end chunk: a cut file fails in seconds, not hours in."""
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(data_root), str(data)], check=True)
+    broken = sorted((data / "GTA5" / "labels").glob("*.png"))[-1]
+    broken.write_bytes(broken.read_bytes()[:-20])
+    work = tmp_path / "runs"
+    code, err, _ = run_cli(capsys, SOURCE_ONLY, *tiny_overrides(data), "--work-dir", str(work))
+    assert code == 1 and err[0].startswith("error: ") and str(broken) in err[0] and "truncated" in err[0]
+    assert "python -m datasets --config" in err[1] and "--check" in err[1]
+    assert not work.exists() or not any(work.rglob("*"))
