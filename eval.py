@@ -616,6 +616,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--checkpoint: expected at least one checkpoint path")
     if args.images and not args.out:
         parser.error("--images needs --out DIR for the colour maps and overlays")
+    if args.images and (args.each or args.save_predictions):
+        parser.error("--each and --save-predictions score a validation set; --images writes to --out")
+    if args.input_size and not args.images:
+        parser.error("--input-size applies to --images (scoring uses data.val.size)")
     return args
 
 

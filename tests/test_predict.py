@@ -181,5 +181,8 @@ def test_bad_inputs_are_one_line(setup, tmp_path, capsys):
         assert evaluator.main(base + extra + ["--no-progress"]) == 1, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert err and err[-1].startswith("error:") and expected in err[-1], (extra, err)
-    with pytest.raises(SystemExit):  # --images without --out: argparse's usage error
-        evaluator.parse_args(["--config", str(config), "--checkpoint", str(checkpoint), "--images", str(images)])
+    for argv in (["--images", str(images)],  # no --out
+                 ["--images", str(images), "--out", "o", "--each"],  # a scoring option
+                 ["--input-size", "64x128"]):  # a prediction option without --images
+        with pytest.raises(SystemExit):  # argparse's usage error
+            evaluator.parse_args(["--config", str(config), "--checkpoint", str(checkpoint), *argv])
