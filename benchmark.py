@@ -2,6 +2,7 @@
 
     python benchmark.py --config configs/cityscapes_bisenet.yaml [--size 512x1024] [--device cpu|cuda]
                         [--iters N] [--amp fp16|bf16] [--compile] [--json]
+                        [--forms eager,deploy,compile,onnxruntime | all]   # + fp16,bf16,cudagraph,tensorrt on CUDA
     python benchmark.py --config configs/gta5_bisenet_adv.yaml --train-step [--size 360x640] [--batch-size 2]
     python benchmark.py --runs runs/ --table all [--format md|csv] [--plot miou_fps.png]
     python benchmark.py --gpu-check [--out runs/gpu_check.json]      # CUDA only; `make gpu-check`
@@ -14,7 +15,10 @@ Conventions (docs/benchmarks.md has the measured numbers):
   the result exists, and without the sync one would time kernel launches.
 - The eager model (eval, no_grad, NCHW float32) and its deploy form (`models.deploy`: no aux heads, BN
   folded, channels_last; timed under inference_mode, optionally autocast / torch.compile) are timed in
-  alternating rounds of the same run, so a change in machine load hits both alike.
+  alternating rounds of the same run, so a change in machine load hits both alike. `--forms` adds more forms
+  (FORM_HELP) to the same rounds: torch.compile, ONNX Runtime (the file `models.export` writes), and on CUDA
+  autocast, CUDA graphs and ONNX Runtime's TensorRT provider; each form's logits on the timed image are
+  compared with eager's (max abs difference, argmax agreement) before timing.
 - Tables read `metrics.json` from run folders; latency is a property of the machine, so it only comes from a
   `benchmark.json` (this script's `--json` output) left in a run folder, never measured while tabulating.
 """
@@ -129,7 +133,7 @@ def count_flops(model: nn.Module, image: torch.Tensor) -> dict:
 # ------------------------------------------------------------------------------------------ latency
 def time_calls(fn, image: torch.Tensor, iters: int, warmup: int = 0) -> list[float]:
     """Seconds per call of `fn(image)`, each call timed on its own (batch-1 latency, not throughput)."""
-    cuda = image.device.type == "cuda"
+    cuda = isinstance(image, torch.Tensor) and image.device.type == "cuda"
     for _ in range(warmup):
         fn(image)
     if cuda:
@@ -163,18 +167,202 @@ def autocast_context(device: torch.device, amp: str | None):
     return torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[amp])
 
 
-def measure_latency(model: nn.Module, deployed: nn.Module | None, size: tuple[int, int], device: torch.device,
-                    iters: int, warmup: int, amp: str | None = None) -> dict:
-    """Latency of the eager model and (if given) its deploy form, timed in alternating rounds."""
-    image = torch.rand(1, 3, *size, device=device) * 255  # the course protocol's random image
+# The forms of one model that `--forms` can time. Every form gets the same random image and is compared with
+# the eager model's output (max abs difference of the logits, argmax agreement).
+FORM_HELP = {
+    "eager": "the model as trained (eval, no_grad, NCHW float32): the reference",
+    "deploy": "models.deploy: no aux heads, BN folded, channels_last, inference_mode (+ --amp / --compile)",
+    "compile": "torch.compile of the deploy form",
+    "onnxruntime": "the deploy form exported by models.export (fixed shape), ONNX Runtime (CPU, or CUDA provider)",
+    "fp16": "the deploy form under float16 autocast (CUDA)",
+    "bf16": "the deploy form under bfloat16 autocast (CUDA)",
+    "cudagraph": "the deploy form captured once in a CUDA graph and replayed (CUDA)",
+    "tensorrt": "the ONNX file in ONNX Runtime's TensorRT provider, fp32 (CUDA, when the provider is present)",
+    "tensorrt_fp16": "the same with TensorRT's fp16 kernels allowed",
+}
+CPU_FORMS = ("eager", "deploy", "compile", "onnxruntime")
+CUDA_FORMS = CPU_FORMS + ("fp16", "bf16", "cudagraph", "tensorrt", "tensorrt_fp16")
+
+
+@dataclass
+class Form:
+    """One way to run the model: `fn(x)` on its own prepared input `x`, under `grad_mode()` and `cast()`."""
+
+    fn: object
+    x: object
+    grad_mode: object = torch.inference_mode
+    cast: object = contextlib.nullcontext
+    to_tensor: object = None  # output -> torch logits on the CPU, for the parity check (default: .float().cpu())
+
+    def output(self) -> torch.Tensor:
+        with self.grad_mode(), self.cast():
+            out = self.fn(self.x)
+        return self.to_tensor(out) if self.to_tensor else out.float().cpu()
+
+
+def parse_forms(text: str | None, device: torch.device) -> list[str]:
+    """`--forms eager,deploy,onnxruntime` (or `all`) -> the list, eager first; unknown or wrong-device names fail."""
+    available = CUDA_FORMS if device.type == "cuda" else CPU_FORMS
+    if not text:
+        return ["eager", "deploy"]
+    names = list(available) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in CUDA_FORMS:
+            raise BenchmarkError(f"--forms {text!r}: unknown form {name!r}; expected some of "
+                                 f"{', '.join(CUDA_FORMS)} (or all)")
+        if name not in available:
+            raise BenchmarkError(f"--forms {text!r}: {name!r} is a CUDA form; on CPU the forms are "
+                                 f"{', '.join(CPU_FORMS)}")
+    return ["eager"] + [n for n in dict.fromkeys(names) if n != "eager"]
+
+
+def build_forms(model: nn.Module, deployed: nn.Module | None, names: list[str], image: torch.Tensor,
+                amp: str | None = None, workdir: str | Path | None = None,
+                compile_backend: str = "inductor") -> tuple[dict, dict]:
+    """Forms `names` of `model` for `image`: ({name: Form}, {name: reason it was skipped}).
+
+    `deployed` is the deploy form (with --amp / --compile applied to the `deploy` entry only); the other forms
+    start from it. `workdir` holds the ONNX file of the ONNX Runtime forms.
+    """
+    import models
+
+    device = image.device
     model.eval()
-    forms = {"eager": (model, image, torch.no_grad, contextlib.nullcontext)}
-    if deployed is not None:
-        forms["deploy"] = (deployed, image.contiguous(memory_format=torch.channels_last), torch.inference_mode,
-                           lambda: autocast_context(device, amp))
-    result = time_forms(forms, iters, warmup)
-    if deployed is not None:
+    plain = getattr(deployed, "_orig_mod", deployed)  # under --compile, the deploy form before compilation
+    if not hasattr(plain, "graph") and any(n not in ("eager", "deploy") for n in names):
+        plain = models.deploy(model)
+    last = image.contiguous(memory_format=torch.channels_last)
+    forms, skipped = {}, {}
+    for name in names:
+        if name == "eager":
+            forms[name] = Form(model, image, torch.no_grad)
+        elif name == "deploy":
+            forms[name] = Form(deployed if deployed is not None else models.deploy(model), last,
+                               cast=lambda: autocast_context(device, amp))
+        elif name == "compile":
+            forms[name] = Form(torch.compile(plain.graph(), backend=compile_backend), last)
+        elif name in ("fp16", "bf16"):
+            forms[name] = Form(plain, last, cast=lambda dtype=name: autocast_context(device, dtype))
+        elif name == "cudagraph":
+            forms[name] = Form(*_cuda_graph(plain.graph(), last, amp))
+        elif name in ("onnxruntime", "tensorrt", "tensorrt_fp16"):
+            form = _onnxruntime_form(plain, image, name, Path(workdir or "."))
+            if isinstance(form, str):
+                skipped[name] = form
+            else:
+                forms[name] = form
+    return forms, skipped
+
+
+def _cuda_graph(graph_module: nn.Module, image: torch.Tensor, amp: str | None):
+    """A CUDA graph of `graph_module` on a static copy of `image`: (replay function, its static input)."""
+    static_in = image.clone(memory_format=torch.channels_last)
+    stream = torch.cuda.Stream(image.device)
+    stream.wait_stream(torch.cuda.current_stream(image.device))
+    with torch.cuda.stream(stream), torch.inference_mode(), autocast_context(image.device, amp):
+        for _ in range(3):  # cuDNN picks its kernels before the capture
+            graph_module(static_in)
+    torch.cuda.current_stream(image.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode(), autocast_context(image.device, amp):
+        static_out = graph_module(static_in)
+
+    def replay(x):
+        if x is not static_in:
+            static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    return replay, static_in
+
+
+def _onnxruntime_form(deployed: nn.Module, image: torch.Tensor, name: str, workdir: Path):
+    """An ONNX Runtime form of the deploy form, exported at the image's shape; a string says why it is skipped."""
+    from models.export import ExportError, OnnxModel, export_onnx, require
+
+    try:
+        ort = require("onnxruntime", f"--forms {name}")
+        require("onnx", f"--forms {name}")
+    except ExportError as exc:
+        raise BenchmarkError(str(exc)) from None
+    cuda = image.device.type == "cuda"
+    available = ort.get_available_providers()
+    if name.startswith("tensorrt"):
+        if "TensorrtExecutionProvider" not in available:
+            return f"this onnxruntime has no TensorrtExecutionProvider (it has {', '.join(available)})"
+        cache = workdir / "trt_cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        providers = [("TensorrtExecutionProvider", {"device_id": image.device.index or 0,
+                                                    "trt_fp16_enable": name == "tensorrt_fp16",
+                                                    "trt_engine_cache_enable": True,
+                                                    "trt_engine_cache_path": str(cache)}),
+                     "CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif cuda:
+        if "CUDAExecutionProvider" not in available:
+            return f"this onnxruntime has no CUDAExecutionProvider (it has {', '.join(available)}): pip install onnxruntime-gpu"
+        providers = [("CUDAExecutionProvider", {"device_id": image.device.index or 0}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    path = workdir / "model.onnx"
+    if not path.is_file():
+        cpu_copy = copy.deepcopy(deployed).cpu()
+        try:
+            export_onnx(cpu_copy, path, tuple(image.shape[-2:]))
+        except ExportError as exc:
+            raise BenchmarkError(f"--forms {name}: {exc}") from None
+    try:
+        onnx_model = OnnxModel(path, threads=torch.get_num_threads(), providers=providers)
+    except ExportError as exc:
+        return str(exc)
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if onnx_model.providers[0] != wanted:  # ONNX Runtime falls back quietly when a provider cannot start
+        return f"ONNX Runtime could not start {wanted} here and fell back to {onnx_model.providers[0]}"
+    if not cuda:
+        x = image.float().cpu().contiguous().numpy()
+        return Form(onnx_model.run_numpy, x, to_tensor=lambda out: torch.from_numpy(out))
+    # CUDA: bind the input and a preallocated output on the device (no host copies in the timed call)
+    session = onnx_model.session
+    x = image.float().contiguous()
+    out = torch.empty(x.shape[0], onnx_model.num_classes, *x.shape[-2:], device=image.device)
+    binding = session.io_binding()
+    binding.bind_input(onnx_model.input_name, "cuda", image.device.index or 0, np.float32, list(x.shape), x.data_ptr())
+    binding.bind_output(onnx_model.output_name, "cuda", image.device.index or 0, np.float32, list(out.shape),
+                        out.data_ptr())
+
+    def run(_):
+        session.run_with_iobinding(binding)
+        return out
+
+    return Form(run, x)
+
+
+def measure_latency(model: nn.Module, deployed: nn.Module | None, size: tuple[int, int], device: torch.device,
+                    iters: int, warmup: int, amp: str | None = None, forms: list[str] | None = None,
+                    compile_backend: str = "inductor") -> dict:
+    """Latency of the eager model and its other forms (default: the deploy form, if given), timed in alternating
+    rounds, with each form's parity to eager. Returns {form: latency_stats, ..., "speedup": eager / deploy,
+    "vs_deploy": {form: deploy / form}, "parity": {form: {max_abs_diff, argmax_agreement}}, "skipped": {...}}."""
+    import tempfile
+
+    image = torch.rand(1, 3, *size, device=device) * 255  # the course protocol's random image
+    names = forms or (["eager", "deploy"] if deployed is not None else ["eager"])
+    with tempfile.TemporaryDirectory(prefix="benchmark-forms-") as workdir:
+        built, skipped = build_forms(model, deployed, names, image, amp, workdir, compile_backend)
+        reference = built["eager"].output()
+        parity = {}
+        for name, form in built.items():  # the first call of each form: compiles, plans, checks
+            out = form.output()
+            parity[name] = {"max_abs_diff": float((out - reference).abs().max()),
+                            "argmax_agreement": float((out.argmax(1) == reference.argmax(1)).double().mean())}
+        timed = {name: (f.fn, f.x, f.grad_mode, f.cast) for name, f in built.items()}
+        result = time_forms(timed, iters, warmup)
+    if "deploy" in result:
         result["speedup"] = result["eager"]["mean_ms"] / result["deploy"]["mean_ms"]
+        result["vs_deploy"] = {n: result["deploy"]["mean_ms"] / result[n]["mean_ms"] for n in built}
+    result["parity"] = parity
+    result["fastest"] = min(built, key=lambda n: result[n]["mean_ms"])
+    if skipped:
+        result["skipped"] = skipped
     return result
 
 
@@ -211,8 +399,10 @@ def _without_pretrained(model_cfg):
 
 
 def benchmark_model(cfg: Config, size: tuple[int, int], device: torch.device, iters: int, warmup: int,
-                    amp: str | None = None, compile_deploy: bool = False, source: str = "config") -> dict:
-    """Parameters, FLOPs and eager/deploy latency of `cfg.model` at `size` on `device`: one JSON-able dict."""
+                    amp: str | None = None, compile_deploy: bool = False, source: str = "config",
+                    forms: list[str] | None = None) -> dict:
+    """Parameters, FLOPs and the latency of `cfg.model`'s forms (default eager and deploy) at `size` on
+    `device`: one JSON-able dict."""
     import models
 
     env = environment(device)  # the load before this process adds its own
@@ -227,10 +417,11 @@ def benchmark_model(cfg: Config, size: tuple[int, int], device: torch.device, it
     if compile_deploy:
         deployed = torch.compile(deployed)
         warmup = max(warmup, 1)  # compilation happens in the first call; never time it
-    latency = measure_latency(model, deployed, size, device, iters, warmup, amp)
+    latency = measure_latency(model, deployed, size, device, iters, warmup, amp, forms)
     return {"config": source, "config_name": cfg.name, "model_label": model_label(cfg.model),
             "model": dataclasses.asdict(cfg.model), "size": list(size), **env,
             "params": params, "flops": flops, "latency": latency,
+            "forms": [n for n in latency if n in FORM_HELP],
             "deploy_options": {"amp": amp, "compile": compile_deploy}}
 
 
@@ -686,9 +877,12 @@ def _csv_number(x: float | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------ plot
-def plot_miou_fps(runs: list[Run], path: str | Path, metric: str = "final", problems: list[str] | None = None) -> int:
+def plot_miou_fps(runs: list[Run], path: str | Path, metric: str = "final", problems: list[str] | None = None,
+                  form: str = "eager") -> int:
     """mIoU against FPS, one labelled marker per config (mean over seeds); real and synthetic data in
-    separate panels. FPS comes from benchmark.json (any run with the same model). Returns the markers drawn."""
+    separate panels. FPS comes from benchmark.json (any run with the same model): its `form` entry (eager,
+    deploy, onnxruntime, ... or `fastest`: the fastest form that file timed), named in each marker's label
+    and on the axis. Returns the markers drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -699,9 +893,13 @@ def plot_miou_fps(runs: list[Run], path: str | Path, metric: str = "final", prob
     for group in group_runs(runs):
         cfg = group[0].cfg
         bench = benchmark_json_for(cfg.model, group + runs)
-        eager = (bench or {}).get("latency", {}).get("eager")
-        if not eager:
-            problems.append(f"{group[0].path}: not plotted, no benchmark.json for model {model_label(cfg.model)}")
+        latency = (bench or {}).get("latency", {})
+        used = latency.get("fastest", "eager") if form == "fastest" else form
+        timed = latency.get(used)
+        if not isinstance(timed, dict) or "fps" not in timed:
+            why = "no benchmark.json" if bench is None else f"its benchmark.json has no {used!r} form (rerun " \
+                  f"benchmark.py with --forms {used})"
+            problems.append(f"{group[0].path}: not plotted, {why} for model {model_label(cfg.model)}")
             continue
         devices.add(bench.get("device_name", "?"))
         label = model_label(cfg.model)
@@ -709,8 +907,8 @@ def plot_miou_fps(runs: list[Run], path: str | Path, metric: str = "final", prob
             label += f" · {method_label(cfg)}" + (f" · {augment_label(cfg)}" if augment_label(cfg) != "none" else "")
         else:
             label += " · trained on Cityscapes"
-        drawn.append((group, eager["fps"]))
-        labels.append(label)
+        drawn.append((group, timed["fps"]))
+        labels.append(f"{label} [{used}]")
     points = {False: [], True: []}
     for (group, fps), label, suffix in zip(drawn, labels, _distinguish(labels, [g for g, _ in drawn])):
         points[group[0].synthetic].append((fps, Stat.of(_metric(r, metric)["mIoU"] for r in group), label + suffix))
@@ -720,7 +918,8 @@ def plot_miou_fps(runs: list[Run], path: str | Path, metric: str = "final", prob
         for fps, miou, label in points[kind]:
             ax.errorbar(fps, miou.mean, yerr=miou.std or 0.0, fmt="o", capsize=3)
             ax.annotate(label, (fps, miou.mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        ax.set_xlabel("FPS (batch 1, eager)")
+        ax.set_xlabel("FPS (batch 1; the form in [brackets], fastest timed)" if form == "fastest"
+                      else f"FPS (batch 1, {form} form)")
         ax.set_ylabel(f"mIoU (%, {metric})")
         ax.set_title("synthetic data" if kind else "real data")
         ax.grid(alpha=0.3)
@@ -1280,16 +1479,27 @@ def _print_model_report(r: dict) -> None:
     if f["skipped_ops"]:
         print("  not counted by fvcore: " + ", ".join(f"{op} x{n}" for op, n in sorted(f["skipped_ops"].items())))
     opts = r["deploy_options"]
-    for name in ("eager", "deploy"):
+    for name in r.get("forms", ["eager", "deploy"]):
         s = lat[name]
         extra = ""
         if name == "deploy" and (opts["amp"] or opts["compile"]):
             extra = " (" + ", ".join(filter(None, [opts["amp"] and f"autocast {opts['amp']}",
                                                    opts["compile"] and "torch.compile"])) + ")"
-        print(f"  {name:6s}{extra}: {s['mean_ms']:.1f} ± {s['std_ms']:.1f} ms  (p50 {s['p50_ms']:.1f}, "
-              f"p90 {s['p90_ms']:.1f}, p99 {s['p99_ms']:.1f})  {s['fps']:.2f} FPS  "
-              f"[course: {s['fps_mean']:.2f} ± {s['fps_std']:.2f} FPS]  over {s['iters']} calls")
-    print(f"  deploy speed-up: {lat['speedup']:.2f}x")
+        line = (f"  {name:11s}{extra}: {s['mean_ms']:.1f} ± {s['std_ms']:.1f} ms  (p50 {s['p50_ms']:.1f}, "
+                f"p90 {s['p90_ms']:.1f}, p99 {s['p99_ms']:.1f})  {s['fps']:.2f} FPS  "
+                f"[course: {s['fps_mean']:.2f} ± {s['fps_std']:.2f} FPS]  over {s['iters']} calls")
+        if "vs_deploy" in lat:
+            line += f"  {lat['vs_deploy'][name]:.2f}x deploy"
+        if name != "eager" and name in lat.get("parity", {}):
+            par = lat["parity"][name]
+            line += f"  | vs eager: max abs diff {par['max_abs_diff']:.1e}, argmax {100 * par['argmax_agreement']:.3f}%"
+        print(line)
+    for name, why in lat.get("skipped", {}).items():
+        print(f"  {name:11s}: skipped, {why}")
+    if "speedup" in lat:
+        print(f"  deploy speed-up: {lat['speedup']:.2f}x")
+    if len(r.get("forms", [])) > 2 and "vs_deploy" in lat:
+        print(f"  fastest: {lat['fastest']}, {lat['vs_deploy'][lat['fastest']]:.2f}x the deploy form")
 
 
 def _print_train_report(r: dict) -> None:
@@ -1326,6 +1536,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--amp", choices=("fp16", "bf16"), help="autocast the deploy form (cuda only)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the deploy form")
+    parser.add_argument("--forms", metavar="A,B,...", help="forms to time in alternating rounds, each with its "
+                        "parity to eager (default eager,deploy; `all` = every form of the device): "
+                        + "; ".join(f"{k}: {v}" for k, v in FORM_HELP.items()))
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--train-step", action="store_true", help="time full training steps instead")
     parser.add_argument("--batch-size", type=int, help="--train-step: override train.batch_size")
@@ -1350,6 +1563,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "without the prepared cache instead; --iters: items per measurement (default 32)")
     parser.add_argument("--workers", type=int, help="--data: DataLoader workers (default: train.workers, at most "
                                                     "the cores available)")
+    parser.add_argument("--plot-form", default="eager", metavar="FORM",
+                        help="--plot: which timed form's FPS to draw (eager, deploy, onnxruntime, ..., or fastest)")
     return parser.parse_args(argv)
 
 
@@ -1380,7 +1595,7 @@ def _main_runs(args) -> int:
     if not tables:
         problems.append(f"no run fits table {args.table!r}")
     if args.plot:
-        drawn = plot_miou_fps(runs, args.plot, args.metric, problems)
+        drawn = plot_miou_fps(runs, args.plot, args.metric, problems, args.plot_form)
         print(f"wrote {args.plot} ({drawn} markers)", file=sys.stderr)
     for line in problems:
         print(f"benchmark.py: {line}", file=sys.stderr)
@@ -1430,8 +1645,9 @@ def _main_config(args) -> int:
     else:
         iters = args.iters or DEFAULT_ITERS[device.type]
         warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP[device.type]
+        forms = parse_forms(args.forms, device)
         result = benchmark_model(cfg, size or THESIS_SIZE, device, iters, warmup, args.amp, args.compile,
-                                 source=args.config)
+                                 source=args.config, forms=forms)
         report = _print_model_report
     if args.json:
         print(json.dumps(result, indent=1))

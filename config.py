@@ -223,10 +223,24 @@ class TrainConfig:
 
 
 @dataclass
+class TTAConfig:
+    """Test-time augmentation in eval.py (not in the trainer's validation): the softmax of every variant is averaged."""
+
+    flip: bool = False  # also predict the horizontally flipped image (and flip the prediction back)
+    scales: list[float] = field(default_factory=lambda: [1.0])  # image scales, e.g. [0.75, 1.0, 1.25, 1.5]
+
+
+@dataclass
 class EvalConfig:
     # `protocol`: score at the configured val size (1024x512); `full`: at the original label size (2048x1024)
     label_size: Literal["protocol", "full"] = "protocol"
     batch_size: int = 1
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    # Sliding-window inference in eval.py, for inputs too large for one pass: [width, height] crops whose logits
+    # are averaged where they overlap; null = the whole image at once. `window_stride` (null = 2/3 of the window)
+    # must not exceed the window. Used at every TTA scale.
+    window: list[int] | None = None
+    window_stride: list[int] | None = None
 
 
 @dataclass

@@ -69,14 +69,68 @@ def test_time_calls_counts_every_call_and_times_each():
 def test_measure_latency_alternates_eager_and_deploy_rounds():
     model = TinySeg()
     deployed = TinySeg().eval().to(memory_format=torch.channels_last)
+    deployed.load_state_dict(model.state_dict())
     seen = []
     deployed.register_forward_pre_hook(lambda m, args: seen.append((torch.is_inference_mode_enabled(),
                                                                    args[0].is_contiguous(
                                                                        memory_format=torch.channels_last))))
     result = benchmark.measure_latency(model, deployed, (16, 32), torch.device("cpu"), iters=7, warmup=1)
     assert result["eager"]["iters"] == 7 and result["deploy"]["iters"] == 7
-    assert len(seen) == 8 and all(inference and cl for inference, cl in seen)
+    # one parity call, one warm-up call, 7 timed calls
+    assert len(seen) == 9 and all(inference and cl for inference, cl in seen)
     assert result["speedup"] == pytest.approx(result["eager"]["mean_ms"] / result["deploy"]["mean_ms"])
+    assert result["parity"]["deploy"]["argmax_agreement"] == 1.0  # the same weights, another memory layout
+    assert result["parity"]["deploy"]["max_abs_diff"] < 1e-4
+    assert result["parity"]["eager"]["max_abs_diff"] == 0.0
+
+
+def test_forms_are_timed_in_the_same_rounds_with_their_parity_to_eager():
+    pytest.importorskip("onnxruntime")
+    import models
+
+    torch.manual_seed(0)
+    model = models.build_model({"name": "bisenet"}).eval()
+    forms = benchmark.parse_forms("deploy,onnxruntime,compile", torch.device("cpu"))
+    assert forms == ["eager", "deploy", "onnxruntime", "compile"]
+    calls = []
+    original = benchmark.time_calls
+    benchmark.time_calls = lambda fn, x, n, w=0: calls.append(n) or original(fn, x, n, w)
+    try:  # torch.compile's `eager` backend: the same plumbing as inductor, without its minute of compiling
+        result = benchmark.measure_latency(model, models.deploy(model), (32, 64), torch.device("cpu"), iters=4,
+                                           warmup=0, forms=forms, compile_backend="eager")
+    finally:
+        benchmark.time_calls = original
+    assert calls == [1] * 16  # 4 rounds, each form one call per round, in turn
+    for name in forms:
+        assert result[name]["iters"] == 4
+        assert result["parity"][name]["argmax_agreement"] >= 0.999
+        assert result["parity"][name]["max_abs_diff"] < 1e-3
+    assert result["vs_deploy"]["deploy"] == 1.0 and result["fastest"] in forms
+    assert result["vs_deploy"]["onnxruntime"] == pytest.approx(result["deploy"]["mean_ms"] /
+                                                               result["onnxruntime"]["mean_ms"])
+
+
+def test_forms_of_the_wrong_device_or_unknown_are_one_line():
+    cpu = torch.device("cpu")
+    assert benchmark.parse_forms(None, cpu) == ["eager", "deploy"]
+    assert benchmark.parse_forms("all", cpu) == list(benchmark.CPU_FORMS)
+    with pytest.raises(benchmark.BenchmarkError, match="'fp16' is a CUDA form"):
+        benchmark.parse_forms("deploy,fp16", cpu)
+    with pytest.raises(benchmark.BenchmarkError, match="unknown form 'tflite'"):
+        benchmark.parse_forms("tflite", cpu)
+    assert "tensorrt" in benchmark.parse_forms("all", torch.device("cuda"))
+
+
+def test_tensorrt_form_without_its_provider_is_skipped_with_the_reason(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has TensorRT")
+    import models
+
+    model = models.build_model({"name": "bisenet"}).eval()
+    forms, skipped = benchmark.build_forms(model, None, ["eager", "tensorrt"], torch.rand(1, 3, 32, 64) * 255,
+                                           workdir=tmp_path)
+    assert list(forms) == ["eager"] and "TensorrtExecutionProvider" in skipped["tensorrt"]
 
 
 def test_model_benchmark_end_to_end_json(tmp_path, capsys):
@@ -230,6 +284,22 @@ def test_missing_and_broken_metrics_are_reported_and_the_rest_tabulated(runs_dir
     assert any("broken" in line and "not readable JSON" in line for line in lines)
     assert "### Table 3: GTA5 → Cityscapes, source only" in out and "32.0 ± 2.8" in out
     assert "### Table 2: BiSeNet on Cityscapes" in out and "### Table 5" in out
+
+
+def test_plot_says_which_form_each_fps_comes_from(runs_dir, tmp_path):
+    runs, _ = benchmark.find_runs([runs_dir])
+    labels = []
+    original = benchmark._distinguish
+    benchmark._distinguish = lambda names, groups: labels.extend(names) or original(names, groups)
+    try:
+        drawn = benchmark.plot_miou_fps(runs, tmp_path / "eager.png")
+        problems = []
+        missing = benchmark.plot_miou_fps(runs, tmp_path / "ort.png", problems=problems, form="onnxruntime")
+    finally:
+        benchmark._distinguish = original
+    assert drawn > 0 and all(label.endswith("[eager]") for label in labels[:drawn])
+    # the benchmark.json here has only eager and deploy: nothing drawn, and the reason is given
+    assert missing == 0 and problems and all("no 'onnxruntime' form" in p for p in problems)
 
 
 def test_plot_is_a_png_with_one_marker_per_config_that_has_a_speed(runs_dir, tmp_path):
