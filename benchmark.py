@@ -1692,22 +1692,6 @@ def _items_per_s_per_worker(dataset, workers: int, batch_size: int) -> float:
     return rate / workers
 
 
-class _Uint8Labels(torch.utils.data.Dataset):
-    """`dataset`'s items with the label left uint8 (train ids fit): what a batch costs to move between processes
-    when int64 is made on the device instead of in the workers (an int64 label is 8x the bytes)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index]
-        item["label"] = item["label"].to(torch.uint8)
-        return item
-
-
 def _cache_format_choice(cached, count: int) -> dict:
     """ms per item to get the resized image (and label) out of either candidate cache format, on the same items:
     the memory-mapped uint8 arrays (what datasets/cache.py writes) and pre-resized PNGs decoded with pyspng
@@ -1773,13 +1757,10 @@ def benchmark_data(cfg: Config, items: int = DATA_ITEMS, workers: int | None = N
             for form in (plain, cached):  # untimed pass: both read warm files
                 for index in range(len(form)):
                     form[index]
-            uint8 = []
             for _ in range(DATA_ROUNDS):
                 for name, form in (("uncached", plain), ("cached", cached)):
                     rates[name]["per_core"].append(_items_per_s_in_process(form))
                     rates[name]["per_worker"].append(_items_per_s_per_worker(form, workers, batch_size))
-                if plain.labels is not None:
-                    uint8.append(_items_per_s_per_worker(_Uint8Labels(cached), workers, batch_size))
         summary = {name: {k: float(np.median(v)) for k, v in r.items()} for name, r in rates.items()}
         h, w = plain.size_hw
         result["roles"][role] = {
@@ -1787,8 +1768,7 @@ def benchmark_data(cfg: Config, items: int = DATA_ITEMS, workers: int | None = N
             "augment": plain.augment is not None, **summary,
             "speedup_per_core": summary["cached"]["per_core"] / summary["uncached"]["per_core"],
             "speedup_per_worker": summary["cached"]["per_worker"] / summary["uncached"]["per_worker"],
-            "prepare_items_per_s": len(plain) / prepare_s, "cache_format": formats,
-            "cached_uint8_labels_per_worker": float(np.median(uint8)) if uint8 else None}
+            "prepare_items_per_s": len(plain) / prepare_s, "cache_format": formats}
     return result
 
 
@@ -1810,9 +1790,6 @@ def _print_data_report(r: dict) -> None:
               f"prepare wrote {x['prepare_items_per_s']:.1f} items/s; cache format, ms per item (one core): "
               f"memory-mapped array {f['array_ms']:.2f} ({f['array_mb']:.2f} MB), pre-resized PNG with "
               f"{f['png_decoder']} {f['png_ms']:.2f} ({f['png_mb']:.2f} MB)")
-        if x["cached_uint8_labels_per_worker"] is not None:
-            print(f"  {role}: cached, with uint8 instead of int64 labels in the batches: "
-                  f"{x['cached_uint8_labels_per_worker']:.1f} items/s per worker")
 
 
 def _main_data(args) -> int:

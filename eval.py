@@ -263,7 +263,7 @@ def evaluate(models: list[nn.Module] | nn.Module, loader, device: torch.device, 
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
-        label = batch["label"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True).long()  # uint8 from the loader
         pred = predict_probs(models, images, label.shape[-2:], amp_dtype, inference).argmax(1)
         update_confusion(confusion, pred, label)
         if on_batch is not None:
@@ -620,6 +620,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--each and --save-predictions score a validation set; --images writes to --out")
     if args.input_size and not args.images:
         parser.error("--input-size applies to --images (scoring uses data.val.size)")
+    for flag, folder in (("--save-predictions", args.save_predictions), ("--out", args.out)):
+        if folder:
+            problem = runtime.output_folder_problem(Path(folder))
+            if problem:
+                parser.error(f"{flag} {folder}: {problem}")
     return args
 
 

@@ -264,6 +264,18 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             os.close(dir_fd)
 
 
+def output_folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot receive outputs (a file where it or a parent should be, no write permission), or None."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, expected a folder (nothing was written)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read."""
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import signal
 import sys
@@ -327,7 +326,11 @@ def val_loader(dataset, cfg: Config, dist: runtime.Distributed) -> DataLoader:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """A batch on the device; labels arrive as uint8 train ids (cheap to collate and copy) and become int64 there."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if "label" in out:
+        out["label"] = out["label"].long()
+    return out
 
 
 def steps_per_epoch(dataset_size: int, per_rank_batch: int, world_size: int, what: str) -> int:
@@ -569,13 +572,9 @@ def new_run_dir(work_dir: Path, cfg: Config) -> Path:
 
 def check_writable(folder: Path, what: str) -> None:
     """An output folder must be a folder (or not exist yet) that this process can write into."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{what} {folder}: {existing} is a file, expected a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {folder}: {existing} is not writable")
+    problem = runtime.output_folder_problem(folder)
+    if problem:
+        raise ConfigError(f"{what} {folder}: {problem}")
 
 
 def check_combinations(cfg: Config, dist: runtime.Distributed) -> None:

@@ -168,7 +168,7 @@ class ImageLabelDataset(Dataset):
             image, label = augment_sample(self.augment, image, label, self.seed, self.epoch, index)
         item = {"image": image.contiguous(), "name": self.names[index]}
         if label is not None:
-            item["label"] = label.long()
+            item["label"] = label  # uint8 train ids: 8x less to move between processes; int64 on the device
         return item
 
     # ----------------------------------------------------------------------------------------------- cache

@@ -193,7 +193,7 @@ class RareClassSampling(Dataset):
                 k = int(rng.integers(len(ys)))
                 y, x = self._box_around(full_label.shape, int(ys[k]), int(xs[k]), rng)
                 out_image, out_label = self._crop(full_image, full_label, y, x)
-        return {"image": out_image.contiguous(), "label": out_label.long(), "name": item["name"]}
+        return {"image": out_image.contiguous(), "label": out_label.to(torch.uint8), "name": item["name"]}
 
     def _random_box(self, shape, rng) -> tuple[int, int]:
         (h, w), (ch, cw) = shape, self.crop_hw

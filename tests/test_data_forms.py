@@ -41,7 +41,7 @@ def test_every_form_is_detected_and_read_as_train_ids(tmp_path, form):
     assert ds.label_encoding == ENCODING[form]
     for index in range(len(ds)):
         item = ds[index]
-        assert item["label"].dtype == torch.int64 and item["image"].shape == (3, HEIGHT, WIDTH)
+        assert item["label"].dtype == torch.uint8 and item["image"].shape == (3, HEIGHT, WIDTH)
         assert np.array_equal(item["label"].numpy(), expected_train_ids(written[item["name"]], form))
     assert ds.check_files() == 2 * len(ds)
 

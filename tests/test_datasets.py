@@ -27,7 +27,7 @@ def test_cityscapes_items_map_label_ids(cityscapes_tree):
     for index in range(len(ds)):
         item = ds[index]
         assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, HEIGHT, WIDTH)
-        assert item["label"].dtype == torch.int64 and item["label"].shape == (HEIGHT, WIDTH)
+        assert item["label"].dtype == torch.uint8 and item["label"].shape == (HEIGHT, WIDTH)
         assert np.array_equal(item["label"].numpy(), ID_TO_TRAIN_ID[written[item["name"]]])
     # The evaluator pairs predictions with this ground truth by the stem.
     assert ds.label_path(0) == root / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png"

@@ -317,3 +317,17 @@ def test_a_truncated_label_is_found_before_the_first_step(data_root, tmp_path, c
     assert code == 1 and err[0].startswith("error: ") and str(broken) in err[0] and "truncated" in err[0]
     assert "python -m datasets --config" in err[1] and "--check" in err[1]
     assert not work.exists() or not any(work.rglob("*"))
+
+
+@pytest.mark.parametrize("flag", ["--save-predictions", "--out"])
+def test_eval_output_that_is_a_file_is_refused(flag, tmp_path, capsys):
+    import eval as evaluator
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    with pytest.raises(SystemExit) as stop:
+        evaluator.main(["--config", str(SOURCE_ONLY), "--checkpoint", str(tmp_path / "x.pt"), flag, str(blocker)])
+    assert stop.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(err) == 1 and "is a file, expected a folder" in err[0]
+    assert blocker.read_text() == "keep me"

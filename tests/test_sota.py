@@ -367,7 +367,7 @@ def test_rcs_crops_contain_the_class_and_the_stream_is_reproducible(rcs_gta5):
             c, _, _ = ds.draw(i, epoch)
             item = ds[i]
             assert item["image"].shape == (3, 24, 24) and item["label"].shape == (24, 24)
-            assert item["label"].dtype == torch.int64 and (item["label"] == c).any(), (epoch, i, c)
+            assert item["label"].dtype == torch.uint8 and (item["label"] == c).any(), (epoch, i, c)
             again = ds[i]
             assert torch.equal(item["image"], again["image"]) and torch.equal(item["label"], again["label"])
     ds.set_epoch(0)
