@@ -57,6 +57,12 @@ class Strategy(nn.Module, abc.ABC):
         """Called after the model's optimiser step (EMA teachers update here)."""
 
 
+def _check_multi_level(cfg: Config) -> None:
+    """Multi-level methods put their second term on the first auxiliary output: DeepLabV2 needs its aux head."""
+    if cfg.adapt.multi_level and cfg.model.name == "deeplabv2" and not cfg.model.aux_head:
+        raise ConfigError("adapt.multi_level = true needs an auxiliary output: set model.aux_head = true")
+
+
 class SourceOnly(Strategy):
     """No adaptation: supervised loss on the labelled source batch."""
 
@@ -83,8 +89,7 @@ class Adversarial(Strategy):
         from models.discriminator import build_discriminator
 
         a = cfg.adapt
-        if a.multi_level and cfg.model.name == "deeplabv2" and not cfg.model.aux_head:
-            raise ConfigError("adapt.multi_level = true needs an auxiliary output: set model.aux_head = true")
+        _check_multi_level(cfg)
         if len(a.d_betas) != 2:
             raise ConfigError(f"adapt.d_betas = {a.d_betas!r}: expected two numbers, e.g. [0.9, 0.99]")
         levels = ["main", "aux"] if a.multi_level else ["main"]
@@ -190,8 +195,7 @@ class MinEnt(Strategy):
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
         a = cfg.adapt
-        if a.multi_level and cfg.model.name == "deeplabv2" and not cfg.model.aux_head:
-            raise ConfigError("adapt.multi_level = true needs an auxiliary output: set model.aux_head = true")
+        _check_multi_level(cfg)
         for key in ("lambda_ent", "lambda_ent_aux"):
             if getattr(a, key) < 0:
                 raise ConfigError(f"adapt.{key} = {getattr(a, key)}: expected a weight >= 0 (ADVENT: 0.001 / 0.0002)")

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import Config, ConfigError, from_dict, load_config
+from config import Config, ConfigError, flatten, from_dict, load_config
 
 THESIS_SIZE = (512, 1024)  # (H, W): the size of the course's FLOPs and latency numbers
 DEFAULT_ITERS = {"cpu": 20, "cuda": 1000}  # 1000 is the course protocol; a CPU call takes 0.1-5 s
@@ -676,21 +676,11 @@ def tables_of(run: Run) -> list[str]:
     return ["augmentations"] if augmented else ["domain-shift", "augmentations"]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def group_runs(runs: list[Run]) -> list[list[Run]]:
     """Runs of the same config (up to the seed and bookkeeping keys) and data kind, in first-seen order."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        flat = _flatten(dataclasses.asdict(run.cfg))
+        flat = flatten(dataclasses.asdict(run.cfg))
         key = json.dumps({k: v for k, v in flat.items() if k not in NOT_RESULT_KEYS} | {"_synthetic": run.synthetic},
                          sort_keys=True)
         groups.setdefault(key, []).append(run)
@@ -704,7 +694,7 @@ def _distinguish(labels: list[str], groups: list[list[Run]]) -> list[str]:
         same = [i for i, lab in enumerate(labels) if lab == label]
         if len(same) < 2:
             continue
-        flats = [_flatten(dataclasses.asdict(groups[i][0].cfg)) for i in same]
+        flats = [flatten(dataclasses.asdict(groups[i][0].cfg)) for i in same]
         differ = [k for k in flats[0] if k not in NOT_RESULT_KEYS and len({json.dumps(f.get(k)) for f in flats}) > 1]
         for i, flat in zip(same, flats):
             suffixes[i] = " [" + ", ".join(f"{k.rsplit('.', 1)[-1]}={flat[k]}" for k in differ[:3]) + "]"

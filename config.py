@@ -350,9 +350,9 @@ def parse_duration(value: str | float) -> float:
 # Keys that do not change what a run learns: a resume may change them freely (the others must match the run's
 # config unless `--apply-changes` is given). `train.amp` is the machine's precision (a run moved from a T4 to an
 # A100 under `auto` changes it anyway), not the recipe.
-RESUME_FREE_KEYS = ("name", "train.amp", "train.workers", "train.log_interval", "train.checkpoint_interval", "train.eval_interval",
-                    "train.vis_images", "train.max_wall_time", "train.keep_every", "eval.batch_size",
-                    "data.source.root", "data.target.root", "data.val.root")
+RESUME_FREE_KEYS = ("name", "train.amp", "train.workers", "train.log_interval", "train.checkpoint_interval",
+                    "train.eval_interval", "train.vis_images", "train.max_wall_time", "train.keep_every",
+                    "eval.batch_size", "data.source.root", "data.target.root", "data.val.root")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
