@@ -70,8 +70,8 @@ class SyntheticConfig:
     num_source: int = 600
     num_target: int = 600
     num_val: int = 150
-    height: int = 256
-    width: int = 512
+    height: int = 128
+    width: int = 256
     seed: int = 0
 
 

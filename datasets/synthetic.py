@@ -105,12 +105,12 @@ class Style:
 SOURCE = Style(
     focal=(0.50, 0.62), camera_height=(1.6, 2.2), horizon=(0.44, 0.52),
     road_width=(9.0, 14.0), sidewalk_width=(2.5, 4.0), building_height=(8.0, 30.0),
-    block_kinds={"building": 0.62, "vegetation": 0.14, "wall": 0.10, "fence": 0.06, "open": 0.08},
-    counts={"car": 4.0, "truck": 0.6, "bus": 0.35, "train": 0.05, "person": 1.8, "rider": 0.35,
-            "bicycle": 0.3, "motorcycle": 0.35, "pole": 3.0, "tree": 1.5},
+    block_kinds={"building": 0.66, "vegetation": 0.20, "wall": 0.0, "fence": 0.0, "open": 0.14},
+    counts={"car": 4.0, "truck": 0.6, "bus": 0.35, "train": 0.0, "person": 2.5, "rider": 0.0,
+            "bicycle": 0.8, "motorcycle": 0.0, "pole": 7.0, "tree": 1.5},
     colours={
         "sky": ((95, 160, 240), 12), "road": ((92, 88, 104), 8), "lane": ((235, 235, 235), 5),
-        "sidewalk": ((180, 150, 160), 14), "building": ((175, 110, 80), 45), "wall": ((200, 190, 120), 20),
+        "sidewalk": ((180, 150, 160), 14), "building": ((175, 110, 80), 30), "wall": ((200, 190, 120), 20),
         "fence": ((140, 100, 60), 15), "pole": ((110, 110, 120), 12), "light": ((40, 40, 40), 8),
         "sign": ((30, 80, 230), 40), "vegetation": ((55, 150, 40), 18), "trunk": ((100, 70, 30), 10),
         "terrain": ((140, 180, 70), 15), "skin": ((230, 180, 140), 20), "clothes": ((200, 50, 60), 60),
@@ -129,12 +129,12 @@ SOURCE = Style(
 TARGET = Style(
     focal=(0.68, 0.80), camera_height=(1.2, 1.45), horizon=(0.36, 0.46),
     road_width=(7.0, 11.0), sidewalk_width=(2.0, 4.5), building_height=(10.0, 22.0),
-    block_kinds={"building": 0.50, "vegetation": 0.26, "wall": 0.07, "fence": 0.09, "open": 0.08},
-    counts={"car": 6.0, "truck": 0.3, "bus": 0.2, "train": 0.08, "person": 3.5, "rider": 0.6,
-            "bicycle": 1.0, "motorcycle": 0.2, "pole": 4.5, "tree": 3.0},
+    block_kinds={"building": 0.52, "vegetation": 0.32, "wall": 0.0, "fence": 0.0, "open": 0.16},
+    counts={"car": 6.0, "truck": 0.3, "bus": 0.2, "train": 0.0, "person": 3.5, "rider": 0.0,
+            "bicycle": 1.2, "motorcycle": 0.0, "pole": 8.0, "tree": 3.0},
     colours={
         "sky": ((150, 180, 225), 20), "road": ((118, 114, 112), 10), "lane": ((200, 200, 195), 10),
-        "sidewalk": ((150, 140, 135), 15), "building": ((140, 130, 120), 35), "wall": ((160, 155, 145), 20),
+        "sidewalk": ((150, 140, 135), 15), "building": ((140, 130, 120), 25), "wall": ((160, 155, 145), 20),
         "fence": ((120, 115, 105), 20), "pole": ((95, 95, 90), 15), "light": ((50, 55, 50), 10),
         "sign": ((70, 90, 160), 50), "vegetation": ((65, 120, 45), 15), "trunk": ((70, 60, 45), 10),
         "terrain": ((130, 150, 80), 15), "skin": ((200, 160, 130), 25), "clothes": ((70, 70, 80), 40),
@@ -385,14 +385,14 @@ def _two_wheeler(c: Canvas, rng, x, z, kind: str, rider: bool) -> None:
         if u1 - u0 < 0.5:
             continue
         # a bicycle wheel is a ring (its inside shows the background), a motorcycle wheel a disc
-        ring = max(1, round((u1 - u0) * 0.12)) if kind == "bicycle" else None
+        ring = max(1, round((u1 - u0) * 0.2)) if kind == "bicycle" else None
         c.draw_label.ellipse((u0, v0, u1, v1), fill=None if ring else ID[kind], outline=ID[kind], width=ring or 1)
         c.draw_rgb.ellipse((u0, v0, u1, v1), fill=None if ring else tyre, outline=tyre, width=ring or 1)
     if kind == "bicycle":
         frame = c.project([x - length / 2 + r, x, x + length / 2 - r, x + 0.1, x - 0.15],
                           [r, r, r, 2.2 * r, 2.2 * r], z)
-        c.draw_label.line(frame + frame[:1], fill=ID[kind], width=max(1, int(0.05 * c.focal / z)))
-        c.draw_rgb.line(frame + frame[:1], fill=colour, width=max(1, int(0.05 * c.focal / z)))
+        c.draw_label.line(frame + frame[:1], fill=ID[kind], width=max(1, int(0.08 * c.focal / z)))
+        c.draw_rgb.line(frame + frame[:1], fill=colour, width=max(1, int(0.08 * c.focal / z)))
     else:
         c.polygon(c.project([x - 0.6, x + 0.7, x + 0.5, x - 0.5], [0.3, 0.35, 0.95, 0.85], z), kind, colour)
     if rider:
@@ -401,11 +401,11 @@ def _two_wheeler(c: Canvas, rng, x, z, kind: str, rider: bool) -> None:
 
 def _pole(c: Canvas, rng, x, z, side: int) -> None:
     h = rng.uniform(3.0, 8.0)
-    w = rng.uniform(0.2, 0.35)
+    w = rng.uniform(0.3, 0.5)
     c.box(x - w / 2, x + w / 2, 0, h, z, "pole", c.colour("pole"))
     what = rng.random()
     if what < 0.4:  # traffic sign on the pole
-        s = rng.uniform(0.7, 1.1)
+        s = rng.uniform(1.0, 1.5)
         y = min(h, rng.uniform(2.0, 3.0)) - 0.1
         colour = c.colour("sign")
         if rng.random() < 0.5:
@@ -419,7 +419,7 @@ def _pole(c: Canvas, rng, x, z, side: int) -> None:
         lx = x - side * arm
         if arm:
             c.box(min(x, lx), max(x, lx), y - 0.12, y, z, "pole", c.colour("pole"))
-        c.box(lx - 0.25, lx + 0.25, y - 1.2, y, z - 0.05, "traffic light", c.colour("light"))
+        c.box(lx - 0.35, lx + 0.35, y - 1.5, y, z - 0.05, "traffic light", c.colour("light"))
         lamp = ((230, 40, 30), (240, 180, 20), (40, 220, 80))[rng.integers(3)]
         (u0, v0), (u1, v1) = c.project([lx - 0.13, lx + 0.13], [y - 0.2, y - 0.46], z - 0.1)
         c.ellipse((u0, v0, u1, v1), "traffic light", lamp)
@@ -463,7 +463,7 @@ def _draw_objects(c: Canvas, rng: np.random.Generator, street: dict) -> None:
             x = (left + 1.2 if side < 0 else right - 1.2) if rider else on_walk(side)
             items.append((z, lambda x=x, z=z, kind=kind, rider=rider: _two_wheeler(c, rng, x, z, kind, rider)))
     for _ in range(counts["pole"]):
-        side, z = rng.choice((-1, 1)), min(z_min + rng.exponential(20), 60)
+        side, z = rng.choice((-1, 1)), min(z_min + rng.exponential(12), 60)
         x = left - walk[0] + 0.4 if side < 0 else right + walk[1] - 0.4
         items.append((z, lambda x=x, z=z, side=side: _pole(c, rng, x, z, side)))
     for _ in range(counts["tree"]):
