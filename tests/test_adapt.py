@@ -371,9 +371,7 @@ def test_every_synthetic_adaptation_config_is_covered():
 def test_synthetic_config_trains_end_to_end(config, tiny_root, tmp_path):
     from train import train
 
-    # beta 0.01 swaps a band of floor(min(H, W) * beta) pixels: 1 pixel needs images 100 pixels high
-    sizes = {f"data.{role}.size": "[200,100]" for role in ("source", "target")} if "b0.01" in config.stem else {}
-    cfg = load_config(config, tiny(tiny_root) + [f"{k}={v}" for k, v in sizes.items()])
+    cfg = load_config(config, tiny(tiny_root))
     run_dir = train(cfg, work_dir=tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["adapt"] == cfg.adapt.name and metrics["iterations"] == 2
