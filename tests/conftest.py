@@ -211,3 +211,36 @@ def write_gta5_form(root: Path, form: str, count: int = 4, seed: int = 0, height
             save_png(label_path, ID_TO_TRAIN_ID[label_ids])
         written[stem] = label_ids
     return written
+
+
+def straight_and_resumed(cfg, tmp_path: Path, monkeypatch) -> tuple[dict, dict]:
+    """last.pt of `cfg` trained straight through, and of the same run resumed from its iteration-2 last.pt."""
+    import runtime
+    from train import train
+
+    save = runtime.save_checkpoint
+    halfway = tmp_path / "halfway" / "last.pt"
+
+    def save_and_keep_halfway(state, path):
+        save(state, path)
+        if state["iteration"] == 2 and Path(path).name == "last.pt":
+            save(state, halfway)
+
+    monkeypatch.setattr(runtime, "save_checkpoint", save_and_keep_halfway)
+    straight = runtime.load_checkpoint(train(cfg, work_dir=tmp_path / "straight") / "last.pt")
+    assert halfway.is_file()
+    resumed = runtime.load_checkpoint(train(cfg, work_dir=tmp_path / "resumed", resume=str(halfway)) / "last.pt")
+    return straight, resumed
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The tiny synthetic domains (tiny_overrides' sizes), generated once per session by the real data path."""
+    from config import load_config
+    from datasets import build_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    source_only = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "gta5_bisenet.yaml"
+    cfg = load_config(source_only, tiny_overrides(root))
+    build_dataset(cfg.data.source, cfg, "source")
+    return root

@@ -16,7 +16,7 @@ from torch import nn
 import adapt
 import runtime
 from config import from_dict, load_config
-from conftest import tiny_overrides
+from conftest import straight_and_resumed, tiny_overrides
 from models.base import SegOutput
 
 C = 5  # classes of the stand-in network
@@ -402,23 +402,9 @@ def test_mbt_pseudo_labels_then_self_supervised_round(tiny_root, tmp_path):
 
 
 def test_resumed_dacs_run_equals_an_uninterrupted_one(tiny_root, tmp_path, monkeypatch):
-    from train import train
-
     config = REPO / "configs" / "synthetic" / "gta5_bisenet_dacs.yaml"
     cfg = load_config(config, tiny(tiny_root, **{"train.iters": 4}))
-    save = runtime.save_checkpoint
-    halfway = tmp_path / "halfway" / "last.pt"
-
-    def save_and_keep_halfway(state, path):
-        save(state, path)
-        if state["iteration"] == 2 and Path(path).name == "last.pt":
-            save(state, halfway)
-
-    monkeypatch.setattr(runtime, "save_checkpoint", save_and_keep_halfway)
-    straight = runtime.load_checkpoint(train(cfg, work_dir=tmp_path / "straight") / "last.pt")
-    assert halfway.is_file()
-    resumed_dir = train(cfg, work_dir=tmp_path / "resumed", resume=str(halfway))
-    resumed = runtime.load_checkpoint(resumed_dir / "last.pt")
+    straight, resumed = straight_and_resumed(cfg, tmp_path, monkeypatch)
     assert resumed["iteration"] == straight["iteration"] == 4
     assert any(k.startswith("teacher.") for k in straight["strategy"])
     for part in ("model", "strategy"):  # the teacher is part of the strategy's state

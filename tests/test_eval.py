@@ -15,7 +15,7 @@ import runtime
 from config import load_config
 from datasets import build_dataset
 from conftest import tiny_overrides
-from test_train import SOURCE_ONLY, synthetic_root  # noqa: F401 (a fixture)
+from test_train import SOURCE_ONLY
 
 
 def test_iou_on_hand_built_predictions():

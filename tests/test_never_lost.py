@@ -28,14 +28,9 @@ FDA = REPO / "configs" / "synthetic" / "gta5_bisenet_fda_b0.09.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from datasets import build_dataset
-
-    root = tmp_path_factory.mktemp("never_lost") / "data"
-    cfg = load_config(SOURCE_ONLY, tiny_overrides(root))
-    build_dataset(cfg.data.source, cfg, "source")
-    return root
+@pytest.fixture
+def data_root(synthetic_root) -> Path:
+    return synthetic_root  # read only here: tests that break a file copy the tree first
 
 
 def checksums(*folders: Path) -> dict[str, str]:
@@ -100,7 +95,7 @@ def test_resume_with_other_learning_keys_stops_with_one_line_and_changes_nothing
     code, err, _ = run_cli(capsys, SOURCE_ONLY, *tiny_overrides(data_root, **{"train.iters": 40, "train.lr": 0.5}),
                         "--work-dir", str(work), "--resume", "auto")
     assert code == 1 and len(err) == 1
-    assert "train.lr: 0.025 in the run, 0.5 now" in err[0] and "train.iters: 4 in the run, 40 now" in err[0]
+    assert "train.lr: 0.002 in the run, 0.5 now" in err[0] and "train.iters: 4 in the run, 40 now" in err[0]
     assert "--apply-changes" in err[0]
     assert checksums(work, data_root) == before
 
@@ -117,7 +112,7 @@ def test_apply_changes_recomputes_the_schedule_and_logs_the_change(data_root, tm
                                                                 "train.max_wall_time": 1e-6}))  # one more step
     train.train(cfg, work_dir=work, resume="auto", apply_changes=True)
     log = [json.loads(line) for line in (run_dir / "resume_log.jsonl").read_text().splitlines()]
-    assert log[0]["iteration"] == 1 and log[0]["changes"]["train.lr"] == [0.025, 0.5]
+    assert log[0]["iteration"] == 1 and log[0]["changes"]["train.lr"] == [0.002, 0.5]
     assert log[0]["changes"]["train.iters"] == [4, 6]
     assert load_config(run_dir / "config.yaml").train.lr == 0.5
     state = runtime.load_checkpoint(run_dir / "last.pt")

@@ -11,7 +11,7 @@ import runtime
 from config import dump_config, load_config
 from conftest import tiny_overrides
 from models import build_model
-from test_train import SOURCE_ONLY, synthetic_root  # noqa: F401 (a fixture)
+from test_train import SOURCE_ONLY
 
 
 def write_run(root, cfg, iterations: list[int], last: int | None):

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_palettised, save_png, tiny_overrides
+from conftest import save_palettised, save_png, straight_and_resumed, tiny_overrides
 from test_adapt import C, FakeContext, TinyNet, batches, make_cfg
 
 import adapt
-import runtime
 from config import ConfigError, from_dict, load_config
 from datasets import build_dataset
 from datasets import rare_class
@@ -446,20 +445,8 @@ def assert_same(a, b, where=""):
 
 @pytest.mark.parametrize("name", NEW_SYNTHETIC)
 def test_resumed_run_equals_an_uninterrupted_one(name, tiny_root, tmp_path, monkeypatch):
-    from train import train
-
     cfg = load_config(SYNTHETIC / f"{name}.yaml", tiny(tiny_root, **{"train.iters": 4}))
-    save = runtime.save_checkpoint
-    halfway = tmp_path / "halfway" / "last.pt"
-
-    def save_and_keep_halfway(state, path):
-        save(state, path)
-        if state["iteration"] == 2 and Path(path).name == "last.pt":
-            save(state, halfway)
-
-    monkeypatch.setattr(runtime, "save_checkpoint", save_and_keep_halfway)
-    straight = runtime.load_checkpoint(train(cfg, work_dir=tmp_path / "straight") / "last.pt")
-    resumed = runtime.load_checkpoint(train(cfg, work_dir=tmp_path / "resumed", resume=str(halfway)) / "last.pt")
+    straight, resumed = straight_and_resumed(cfg, tmp_path, monkeypatch)
     assert resumed["iteration"] == straight["iteration"] == 4
     for part in ("model", "optimizer", "strategy"):  # teachers, discriminators and their Adam moments included
         assert_same(straight[part], resumed[part], part)

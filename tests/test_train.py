@@ -21,17 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE_ONLY = REPO / "configs" / "synthetic" / "gta5_bisenet.yaml"
 
 
-@pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory) -> Path:
-    """The tiny synthetic domains, generated once per session by the real data path."""
-    from datasets import build_dataset
-
-    root = tmp_path_factory.mktemp("synthetic") / "data"
-    cfg = load_config(SOURCE_ONLY, tiny_overrides(root))
-    build_dataset(cfg.data.source, cfg, "source")
-    return root
-
-
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

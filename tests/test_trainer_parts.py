@@ -87,7 +87,10 @@ def test_step_cost_runs_from_benchmark_py(capsys):
 
 
 def _parts_and_batches(config: Path, accumulate: int, tmp_path: Path):
-    cfg = load_config(config, tiny_overrides(tmp_path, **{"train.batch_size": 4, "train.accumulate": accumulate}))
+    # SGD: its step is linear in the gradient, so equal gradients give equal weights (Adam's first step is about
+    # lr * sign(g), which turns float noise in near-zero gradients into whole steps)
+    cfg = load_config(config, tiny_overrides(tmp_path, **{"train.batch_size": 4, "train.accumulate": accumulate,
+                                                          "train.optimizer": "sgd", "train.lr": 0.01}))
     runtime.seed_everything(0)
     parts = train.build_parts(cfg, runtime.Distributed(), max_iters=10)
     for module in parts.model.modules():  # per-sample BN (running statistics): micro-batches then add up exactly

@@ -14,7 +14,7 @@ import runtime
 from config import ConfigError, from_dict, load_config
 from conftest import tiny_overrides
 from eval import Inference, predict_probs, sliding_logits, window_starts
-from test_train import SOURCE_ONLY, synthetic_root  # noqa: F401 (a fixture)
+from test_train import SOURCE_ONLY
 
 
 class PerPixel(nn.Module):
