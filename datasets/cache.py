@@ -316,23 +316,18 @@ def prepare_dataset(dataset, role: str, workers: int, progress: bool = True) -> 
                     last_save = time.monotonic()
             for entry, fd in zip(entries, fds):
                 entry.finish(fd)
-        except KeyboardInterrupt:
+        except BaseException as exc:  # keep what was written, whatever stopped the work
             if pool is not None:
                 pool.terminate()
                 pool = None
             for entry, fd in zip(entries, fds):
                 entry.save_progress(fd)
+            if not isinstance(exc, KeyboardInterrupt):
+                raise
             done = int(np.count_nonzero(np.all([e.progress[:, 0] >= 0 for e in entries], axis=0)))
             total = len(entries[0].files)
             raise PrepareInterrupted(f"interrupted: {done} of {total} {role} items are in {cache_dir} and kept; "
                                      "run the same command again to continue") from None
-        except BaseException:
-            if pool is not None:
-                pool.terminate()
-                pool = None
-            for entry, fd in zip(entries, fds):
-                entry.save_progress(fd)
-            raise
         finally:
             bar.close()
             if pool is not None:
