@@ -323,3 +323,30 @@ def test_a_run_resumed_with_changes_is_noted_under_its_table(runs_dir):
     (note,) = [n for n in adaptation.notes if "resumed with changes" in n]
     assert str(run) in note and "iteration 500: train.lr 0.025 -> 0.01" in note
     assert "resumed" in benchmark.format_markdown([adaptation])
+
+
+# ------------------------------------------------------------------------------------------ adaptation table
+def _table_run(tmp_path, name, seed, miou):
+    run = tmp_path / name / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"config_name": name, "seed": seed, "wall_time_s": 10.0 + seed,
+                                                  "final": {"mIoU": miou}}))
+
+
+def test_adaptation_table_gives_each_method_its_share_of_the_oracle_gap(tmp_path):
+    for seed, (src, ora, dacs) in enumerate([(10.0, 50.0, 30.0), (12.0, 52.0, 34.0), (11.0, 51.0, 35.0)]):
+        _table_run(tmp_path, "gta5_bisenet", seed, src)
+        _table_run(tmp_path, "oracle_bisenet", seed, ora)
+        _table_run(tmp_path, "gta5_bisenet_dacs", seed, dacs)
+    _table_run(tmp_path, "gta5_bisenet_mic", 0, 9.0)
+    doc = tmp_path / "doc.md"
+    doc.write_text("head\n<!-- adaptation-table:start -->\nold\n<!-- adaptation-table:end -->\ntail\n")
+    benchmark._write_table(tmp_path, benchmark._finished_runs(tmp_path), doc)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "table.md").read_text().splitlines()[2:]}
+    assert list(rows) == ["gta5_bisenet", "oracle_bisenet", "gta5_bisenet_dacs", "gta5_bisenet_mic"]
+    # DACS: mean 33 over source-only's 11 and the oracle's 51 -> +22.0, 22 / 40 = 55% of the gap; std of 30/34/35
+    assert rows["gta5_bisenet_dacs"][2:5] == ["33.0 ± 2.6", "+22.0", "55%"]
+    assert rows["gta5_bisenet_mic"][1:5] == ["1", "9.0", "-2.0", "-5%"]  # one seed: no std; below source-only
+    assert rows["oracle_bisenet"][3:5] == ["+40.0", ""] and rows["gta5_bisenet"][3:5] == ["", ""]
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("head\n") and text.endswith("tail\n") and "| 55% |" in text
