@@ -939,29 +939,35 @@ TABLE_ROWS = ("gta5_bisenet", "oracle_bisenet", "gta5_bisenet_adv", "gta5_bisene
 FDA_BANDS = ("gta5_bisenet_fda_b0.01", "gta5_bisenet_fda_b0.05", "gta5_bisenet_fda_b0.09")
 
 
-def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: bool, table: Path | None) -> str:
-    """Every synthetic method against source-only and the oracle, one seed after another (all rows of seed 0
-    first, so a partial benchmark is already a comparison). Finished runs (metrics.json) are reused, so the
-    command resumes where it stopped. Returns the markdown table, also written to work_dir/table.md."""
+def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: bool, table: Path | None,
+                  jobs: int = 1, threads: int | None = None) -> str:
+    """Every synthetic method against source-only and the oracle: each run is a `train.py` process, `jobs` at a
+    time with `threads` torch threads each, in seed order (all rows of seed 0 first, so a partial benchmark is
+    already a comparison). Finished runs (metrics.json) are reused, so the command resumes where it stopped; a
+    failed run is reported with its log once the others have finished. Returns the markdown table, also
+    written to work_dir/table.md (and between the markers of `table`) after every finished run."""
     from torch.utils.data import DataLoader
 
     import runtime
     from adapt import write_pseudo_labels
     from datasets import build_dataset
     from eval import evaluate, load_models, metrics_from_confusion
-    from train import train
 
     results = _finished_runs(work_dir)
+
+    def refresh():
+        results.update(_finished_runs(work_dir))
+        _write_table(work_dir, results, table)
+
+    todo = [(name, seed, []) for seed in seeds for name in BENCHMARK_CONFIGS if (name, seed) not in results]
+    failed = _train_runs(todo, overrides, work_dir, jobs, threads, refresh)
+    ssl_runs = []
     for seed in seeds:
-        extra = [f"seed={seed}", *overrides]
-        for name in BENCHMARK_CONFIGS:
-            if (name, seed) not in results:
-                run_dir = train(load_config(SYNTHETIC / f"{name}.yaml", extra), work_dir=work_dir)
-                results[name, seed] = _read_metrics(run_dir)
-            _write_table(work_dir, results, table)
+        if any((name, seed) not in results for name in FDA_BANDS):
+            continue  # a band failed: reported below
         checkpoints = [str(results[name, seed]["run_dir"] / "last.pt") for name in FDA_BANDS]
         if (MBT, seed) not in results:  # multi-band transfer: score the three FDA models' mean softmax
-            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_b0.09.yaml", extra)
+            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_b0.09.yaml", [f"seed={seed}", *overrides])
             device = runtime.init_distributed().device
             loader = DataLoader(build_dataset(cfg.data.val, cfg, "val"), batch_size=cfg.eval.batch_size)
             confusion = evaluate(load_models(cfg, checkpoints, device), loader, device, cfg.model.num_classes)
@@ -969,15 +975,54 @@ def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: b
             mbt_dir = work_dir / "fda_mbt" / f"seed{seed}"
             mbt_dir.mkdir(parents=True, exist_ok=True)
             (mbt_dir / "metrics.json").write_text(json.dumps({**metrics, "config_name": MBT}, indent=2))
-            results[MBT, seed] = {**metrics, "run_dir": mbt_dir}
         if ssl and ("gta5_bisenet_fda_ssl", seed) not in results:  # FDA's self-supervised round on MBT labels
-            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml", extra)
+            cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml", [f"seed={seed}", *overrides])
             labels = write_pseudo_labels(cfg, checkpoints, work_dir / "pseudo_labels" / f"seed{seed}")
-            run_dir = train(load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml",
-                                        [*extra, f"data.target.pseudo_labels={labels}"]), work_dir=work_dir)
-            results["gta5_bisenet_fda_ssl", seed] = _read_metrics(run_dir)
-        _write_table(work_dir, results, table)
+            ssl_runs.append(("gta5_bisenet_fda_ssl", seed, [f"data.target.pseudo_labels={labels}"]))
+    refresh()
+    failed += _train_runs(ssl_runs, overrides, work_dir, jobs, threads, refresh)
+    refresh()
+    if failed:
+        raise RuntimeError("\n".join(failed))
     return (work_dir / "table.md").read_text()
+
+
+def _train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], work_dir: Path, jobs: int,
+                threads: int | None, after_each) -> list[str]:
+    """Train each (synthetic config name, seed, extra overrides) as its own `train.py` process, `jobs` at a
+    time, each with `threads` torch threads (default: the cores shared out; on 2 cores two one-thread runs side
+    by side beat one two-thread run after the other, docs/results_synthetic.md), logging to
+    work_dir/logs/NAME_seedN.log. Calls `after_each()` when a run ends; returns one line per failed run."""
+    import subprocess
+
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    logs = work_dir / "logs"
+    pending, running, failed = list(runs), {}, []
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, jobs):
+                name, seed, extra = pending.pop(0)
+                logs.mkdir(parents=True, exist_ok=True)
+                log = logs / f"{name}_seed{seed}.log"
+                command = [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(SYNTHETIC / f"{name}.yaml"),
+                           f"seed={seed}", *overrides, *extra, "--work-dir", str(work_dir)]
+                print(f"benchmark: training {name} seed {seed} (log: {log})", file=sys.stderr)
+                with log.open("w") as out:
+                    running[subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out,
+                                             stderr=subprocess.STDOUT)] = (name, seed, log)
+            time.sleep(1.0)  # runs take minutes: polling each second costs nothing
+            for proc in [p for p in running if p.poll() is not None]:
+                name, seed, log = running.pop(proc)
+                if proc.returncode:
+                    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+                    failed.append(f"{name} seed {seed} failed (exit {proc.returncode}): {tail[0]} [log: {log}]")
+                after_each()
+    except KeyboardInterrupt:  # the runs got the Ctrl-C too: let each save its checkpoint before stopping
+        for proc in running:
+            proc.wait()
+        raise
+    return failed
 
 
 def _read_metrics(run_dir: Path) -> dict:
@@ -1545,6 +1590,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="runs/benchmark_adaptation",
                         help="--adaptation-table: run folders and table.md")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="--adaptation-table: seeds")
+    parser.add_argument("--jobs", type=int, default=1, help="--adaptation-table: trainings side by side, each a "
+                        "train.py process with --threads torch threads (default: the cores shared out)")
     parser.add_argument("--ssl", action="store_true", help="--adaptation-table: also FDA's self-supervised round "
                         "on multi-band pseudo-labels")
     parser.add_argument("--into", type=Path, metavar="FILE.md", help="--adaptation-table: also write the table "
@@ -1604,7 +1651,8 @@ def _main_experiments(args) -> int:
         print(step_cost(args.step_cost, args.overrides, args.rounds, args.iters or 2))
     else:
         try:
-            print(run_benchmark(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.into))
+            print(run_benchmark(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.into, args.jobs,
+                                args.threads))
         except (FileNotFoundError, RuntimeError, ValueError) as exc:  # data, checkpoint, divergence
             raise BenchmarkError(str(exc)) from None
     return 0

@@ -563,11 +563,14 @@ def open_run(cfg: Config, work_dir: Path, point: ResumePoint | None, parts: Part
 
 def new_run_dir(work_dir: Path, cfg: Config) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    (work_dir / cfg.name).mkdir(parents=True, exist_ok=True)
     run_dir, n = work_dir / cfg.name / stamp, 1
-    while run_dir.exists():  # two runs started within the same second
-        run_dir, n = work_dir / cfg.name / f"{stamp}-{n}", n + 1
-    run_dir.mkdir(parents=True)
-    return run_dir
+    while True:  # two runs started within the same second, in this process or another: mkdir is the arbiter
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            run_dir, n = work_dir / cfg.name / f"{stamp}-{n}", n + 1
 
 
 def check_writable(folder: Path, what: str) -> None:

@@ -350,3 +350,41 @@ def test_adaptation_table_gives_each_method_its_share_of_the_oracle_gap(tmp_path
     assert rows["oracle_bisenet"][3:5] == ["+40.0", ""] and rows["gta5_bisenet"][3:5] == ["", ""]
     text = doc.read_text()
     assert "old" not in text and text.startswith("head\n") and text.endswith("tail\n") and "| 55% |" in text
+
+
+def _table_doc(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- adaptation-table:start -->\n<!-- adaptation-table:end -->\n")
+    return doc
+
+
+def test_adaptation_table_trains_every_row_two_at_a_time_and_then_reuses_them(tmp_path, synthetic_root, monkeypatch):
+    from conftest import tiny_overrides
+
+    work, doc = tmp_path / "bench", _table_doc(tmp_path)
+    overrides = tiny_overrides(synthetic_root, **{"train.iters": 2})
+    table = benchmark.run_benchmark(work, [0], overrides, ssl=True, table=doc, jobs=2, threads=1)
+    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
+    assert rows == list(benchmark.TABLE_ROWS)  # every method, the multi-band mean and the SSL round
+    assert table in doc.read_text()
+    trained = {m["config_name"] for m in benchmark._finished_runs(work).values()} - {benchmark.MBT}
+    assert trained == {*benchmark.BENCHMARK_CONFIGS, "gta5_bisenet_fda_ssl"}
+    assert sorted(p.name for p in (work / "logs").iterdir()) == sorted(f"{name}_seed0.log" for name in trained)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("subprocess.Popen", no_training)
+    assert benchmark.run_benchmark(work, [0], overrides, ssl=True, table=doc, jobs=2, threads=1) == table
+
+
+def test_a_failed_run_is_reported_with_its_log_after_the_others_finish(tmp_path, synthetic_root):
+    from conftest import tiny_overrides
+
+    work, finished = tmp_path / "bench", []
+    runs = [("gta5_bisenet", 0, ["train.lr=-1"]), ("oracle_bisenet", 0, [])]
+    failed = benchmark._train_runs(runs, tiny_overrides(synthetic_root, **{"train.iters": 1}), work, 2, 1,
+                                   lambda: finished.append(1))
+    assert len(failed) == 1 and failed[0].startswith("gta5_bisenet seed 0 failed (exit ")
+    assert "train.lr" in failed[0] and str(work / "logs" / "gta5_bisenet_seed0.log") in failed[0]
+    assert len(finished) == 2 and [m["config_name"] for m in benchmark._finished_runs(work).values()] == ["oracle_bisenet"]

@@ -145,3 +145,13 @@ def test_adamw_for_the_daformer_recipes():
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([6e-5, 6e-4])  # the head at 10x
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.01}
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    from config import from_dict
+
+    monkeypatch.setattr(train.time, "strftime", lambda fmt: "20261202-010203")
+    cfg = from_dict({"name": "gta5_bisenet"})
+    (tmp_path / "gta5_bisenet" / "20261202-010203").mkdir(parents=True)  # taken, as by another process
+    dirs = [train.new_run_dir(tmp_path, cfg) for _ in range(2)]
+    assert [d.name for d in dirs] == ["20261202-010203-1", "20261202-010203-2"] and all(d.is_dir() for d in dirs)
