@@ -20,10 +20,10 @@ test: $(STAMP)
 # (the same network trained on the labelled target) side by side, one torch thread each (on 2 cores that is
 # faster than one after the other with two threads each, docs/results_synthetic.md), then score both on the
 # target's val split and print the time since `make` started (the install included when it ran).
-# 400 of the benchmark's 500 steps, so that a fresh clone (install included) stays within 10 minutes on the slower
+# 300 of the benchmark's 500 steps, so that a fresh clone (install included) stays within 10 minutes on the slower
 # 2-core machines; `make demo DEMO_ITERS=500` trains exactly the benchmark's source-only and oracle rows.
 DEMO_RUNS := runs/demo
-DEMO_ITERS ?= 400
+DEMO_ITERS ?= 300
 DEMO_START := $(shell date +%s)
 
 demo: $(STAMP)
