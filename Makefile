@@ -40,7 +40,8 @@ demo: $(STAMP)
 	@echo "demo: $$(( $$(date +%s) - $(DEMO_START) )) s since make started"
 
 # Every adaptation method against source-only and the oracle on the synthetic domains, three seeds (resumable:
-# finished runs are reused), at the configs' 128x64 and 500 steps; the table lands in docs/results_synthetic.md.
+# finished runs are reused, an interrupted one carries on from its last.pt), at the configs' 128x64 and 500
+# steps; the table lands in docs/results_synthetic.md.
 # BENCH_JOBS trainings side by side, the cores shared out between them (2 on 2 cores: about 35 minutes a seed).
 BENCH_ROOT := data/synthetic_benchmark_adaptation
 BENCH_JOBS ?= 2

@@ -943,8 +943,9 @@ def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: b
                   jobs: int = 1, threads: int | None = None) -> str:
     """Every synthetic method against source-only and the oracle: each run is a `train.py` process, `jobs` at a
     time with `threads` torch threads each, in seed order (all rows of seed 0 first, so a partial benchmark is
-    already a comparison). Finished runs (metrics.json) are reused, so the command resumes where it stopped; a
-    failed run is reported with its log once the others have finished. Returns the markdown table, also
+    already a comparison). Finished runs (metrics.json) are reused and an interrupted one carries on from its
+    last.pt, so the command resumes where it stopped; a failed run is reported with its log once the others
+    have finished. Returns the markdown table, also
     written to work_dir/table.md (and between the markers of `table`) after every finished run."""
     from torch.utils.data import DataLoader
 
@@ -1007,7 +1008,11 @@ def _train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], wo
                 log = logs / f"{name}_seed{seed}.log"
                 command = [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(SYNTHETIC / f"{name}.yaml"),
                            f"seed={seed}", *overrides, *extra, "--work-dir", str(work_dir)]
-                print(f"benchmark: training {name} seed {seed} (log: {log})", file=sys.stderr)
+                interrupted = _interrupted_run(work_dir, name, seed)
+                if interrupted is not None:  # a session that ended mid-run: carry on from its last checkpoint
+                    command += ["--resume", str(interrupted)]
+                print(f"benchmark: {'resuming' if interrupted else 'training'} {name} seed {seed} (log: {log})",
+                      file=sys.stderr)
                 with log.open("w") as out:
                     running[subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out,
                                              stderr=subprocess.STDOUT)] = (name, seed, log)
@@ -1023,6 +1028,18 @@ def _train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], wo
             proc.wait()
         raise
     return failed
+
+
+def _interrupted_run(work_dir: Path, name: str, seed: int) -> Path | None:
+    """The last.pt of the newest unfinished run (no metrics.json) of `name` with this seed, if there is one."""
+    import yaml
+
+    for run in sorted((work_dir / name).glob("*/last.pt"), key=lambda p: p.parent.name, reverse=True):
+        config = run.parent / "config.yaml"
+        if not (run.parent / "metrics.json").exists() and config.is_file():
+            if (yaml.safe_load(config.read_text()) or {}).get("seed") == seed:
+                return run
+    return None
 
 
 def _read_metrics(run_dir: Path) -> dict:

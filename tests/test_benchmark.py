@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 import benchmark
-from config import from_dict, to_dict
+from config import from_dict, load_config, to_dict
 
 CLASSES = ["road", "sidewalk", "building"]
 
@@ -388,3 +388,24 @@ def test_a_failed_run_is_reported_with_its_log_after_the_others_finish(tmp_path,
     assert len(failed) == 1 and failed[0].startswith("gta5_bisenet seed 0 failed (exit ")
     assert "train.lr" in failed[0] and str(work / "logs" / "gta5_bisenet_seed0.log") in failed[0]
     assert len(finished) == 2 and [m["config_name"] for m in benchmark._finished_runs(work).values()] == ["oracle_bisenet"]
+
+
+def test_an_interrupted_run_is_resumed_from_its_own_last_checkpoint(tmp_path, synthetic_root, capsys):
+    """A session that ended mid-benchmark: the next call carries on the run of that config and seed, no other."""
+    import runtime
+    import train
+    from conftest import tiny_overrides
+
+    work = tmp_path / "bench"
+    config = benchmark.SYNTHETIC / "gta5_bisenet.yaml"
+    stopped = {seed: train.train(load_config(config, tiny_overrides(synthetic_root, **{
+        "seed": seed, "train.iters": 4, "train.max_wall_time": 1e-6})), work_dir=work) for seed in (0, 1)}
+    assert all(runtime.load_checkpoint(d / "last.pt")["iteration"] == 1 for d in stopped.values())
+    assert benchmark._interrupted_run(work, "gta5_bisenet", 0) == stopped[0] / "last.pt"
+    failed = benchmark._train_runs([("gta5_bisenet", 0, [])], tiny_overrides(synthetic_root, **{"train.iters": 4}),
+                                   work, 1, 1, lambda: None)
+    assert failed == [] and "resuming gta5_bisenet seed 0" in capsys.readouterr().err
+    assert runtime.load_checkpoint(stopped[0] / "last.pt")["iteration"] == 4 and (stopped[0] / "metrics.json").is_file()
+    assert sorted(p.name for p in (work / "gta5_bisenet").iterdir()) == sorted(d.name for d in stopped.values())
+    assert benchmark._interrupted_run(work, "gta5_bisenet", 0) is None
+    assert benchmark._interrupted_run(work, "gta5_bisenet", 1) == stopped[1] / "last.pt"  # untouched
