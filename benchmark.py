@@ -945,8 +945,8 @@ def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: b
     time with `threads` torch threads each, in seed order (all rows of seed 0 first, so a partial benchmark is
     already a comparison). Finished runs (metrics.json) are reused and an interrupted one carries on from its
     last.pt, so the command resumes where it stopped; a failed run is reported with its log once the others
-    have finished. Returns the markdown table, also
-    written to work_dir/table.md (and between the markers of `table`) after every finished run."""
+    have finished. Returns the markdown table, also written to work_dir/table.md (and between the markers of
+    `table`) after every finished run."""
     from torch.utils.data import DataLoader
 
     import runtime
@@ -980,9 +980,8 @@ def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: b
             cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml", [f"seed={seed}", *overrides])
             labels = write_pseudo_labels(cfg, checkpoints, work_dir / "pseudo_labels" / f"seed{seed}")
             ssl_runs.append(("gta5_bisenet_fda_ssl", seed, [f"data.target.pseudo_labels={labels}"]))
-    refresh()
+    refresh()  # the multi-band rows; each SSL run refreshes again as it ends
     failed += _train_runs(ssl_runs, overrides, work_dir, jobs, threads, refresh)
-    refresh()
     if failed:
         raise RuntimeError("\n".join(failed))
     return (work_dir / "table.md").read_text()
@@ -996,13 +995,14 @@ def _train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], wo
     work_dir/logs/NAME_seedN.log. Calls `after_each()` when a run ends; returns one line per failed run."""
     import subprocess
 
-    threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+    jobs = max(1, jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     logs = work_dir / "logs"
     pending, running, failed = list(runs), {}, []
     try:
         while pending or running:
-            while pending and len(running) < max(1, jobs):
+            while pending and len(running) < jobs:
                 name, seed, extra = pending.pop(0)
                 logs.mkdir(parents=True, exist_ok=True)
                 log = logs / f"{name}_seed{seed}.log"
