@@ -954,6 +954,7 @@ def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: b
     from datasets import build_dataset
     from eval import evaluate, load_models, metrics_from_confusion
 
+    _check_generator(work_dir)
     results = _finished_runs(work_dir)
 
     def refresh():
@@ -985,6 +986,27 @@ def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: b
     if failed:
         raise RuntimeError("\n".join(failed))
     return (work_dir / "table.md").read_text()
+
+
+def _check_generator(work_dir: Path) -> None:
+    """Refuse a work dir whose runs trained on another version of the synthetic domains (they would be reused as
+    if they were this version's); stamp a new one with this version."""
+    from datasets.synthetic import GENERATOR_VERSION
+
+    stamp = work_dir / "generator.json"
+    if stamp.is_file():
+        found = json.loads(stamp.read_text()).get("generator")
+    elif any(work_dir.glob("*/*/config.yaml")):
+        found = None  # runs from before the version was recorded
+    else:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"generator": GENERATOR_VERSION}) + "\n")
+        return
+    if found != GENERATOR_VERSION:
+        drawn = f"version {found}" if found else "a version from before they were numbered"
+        raise BenchmarkError(f"--work-dir {work_dir}: its runs trained on {drawn} of the synthetic domains, and this "
+                             f"code generates version {GENERATOR_VERSION}; choose another --work-dir, or delete it "
+                             "(and the old data root, which train.py refuses too) to retrain the table")
 
 
 def _train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], work_dir: Path, jobs: int,

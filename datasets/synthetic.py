@@ -70,6 +70,10 @@ PNG_OPTIONS = {"compress_level": 1, "compress_type": 3}
 MANIFEST = "synthetic.json"
 PARTIAL = "synthetic.partial"  # present while a tree is being written: a tree with it is incomplete
 PHOTO_NOISE_STD = 3.5  # --photo-like: sensor noise on the 0-255 scale (a GTA5-sized PNG grows to ~3.3 MB)
+# The version of the domains drawn below (docs/results_synthetic.md): bumped whenever SOURCE, TARGET or the
+# drawing change, and written into each tree's manifest, so that a tree (and a benchmark's runs) drawn by another
+# version is refused instead of silently mixed with this one's (trees written before the number have none).
+GENERATOR_VERSION = 3
 
 
 # ------------------------------------------------------------------------------------------ domains
@@ -564,14 +568,17 @@ def validate(cfg: SyntheticConfig, cli: bool = False) -> None:
             raise ConfigError(f"{name} = {value!r}: expected an int >= {lo}")
 
 
-def _manifest_of(cfg: SyntheticConfig, photo_like: bool) -> dict:
-    manifest = dataclasses.asdict(cfg)
+def _manifest_of(cfg: SyntheticConfig, photo_like: bool = False) -> dict:
+    manifest = {"generator": GENERATOR_VERSION, **dataclasses.asdict(cfg)}
     if photo_like:  # only when used, so the manifests of ordinary trees stay what ensure_generated compares
         manifest["photo_like"] = True
     return manifest
 
 
 def _differences(found: dict, wanted: dict) -> str:
+    if found.get("generator") != wanted.get("generator"):
+        drawn = f"version {found['generator']}" if found.get("generator") else "a version from before they were numbered"
+        return f"{drawn} of the generator; this code draws version {wanted.get('generator')}, docs/results_synthetic.md"
     return ", ".join(f"{k}: {found.get(k)!r} on disk, {wanted.get(k)!r} asked for"
                      for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k))
 
@@ -675,7 +682,7 @@ def ensure_generated(root: str | Path, cfg: SyntheticConfig) -> Path:
     if (root / PARTIAL).exists():
         raise ConfigError(f"{root}: an interrupted synthetic generation ({PARTIAL} is there); rerun "
                           f"`python -m datasets.synthetic --out {root}` with the same settings, or delete the folder")
-    wanted, found = dataclasses.asdict(cfg), json.loads(manifest.read_text())
+    wanted, found = _manifest_of(cfg), json.loads(manifest.read_text())
     if found != wanted:
         raise ConfigError(f"{root}: generated with other data.synthetic settings ({_differences(found, wanted)}); "
                           f"delete the folder to regenerate it")

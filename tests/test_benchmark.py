@@ -13,6 +13,7 @@ from torch import nn
 
 import benchmark
 from config import from_dict, load_config, to_dict
+from datasets.synthetic import GENERATOR_VERSION
 
 CLASSES = ["road", "sidewalk", "building"]
 
@@ -370,12 +371,26 @@ def test_adaptation_table_trains_every_row_two_at_a_time_and_then_reuses_them(tm
     trained = {m["config_name"] for m in benchmark._finished_runs(work).values()} - {benchmark.MBT}
     assert trained == {*benchmark.BENCHMARK_CONFIGS, "gta5_bisenet_fda_ssl"}
     assert sorted(p.name for p in (work / "logs").iterdir()) == sorted(f"{name}_seed0.log" for name in trained)
+    assert json.loads((work / "generator.json").read_text()) == {"generator": GENERATOR_VERSION}
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr("subprocess.Popen", no_training)
     assert benchmark.run_benchmark(work, [0], overrides, ssl=True, table=doc, jobs=2, threads=1) == table
+
+
+def test_runs_on_another_version_of_the_synthetic_domains_are_not_reused(tmp_path):
+    work = tmp_path / "bench"
+    (work / "gta5_bisenet" / "20261101-120000").mkdir(parents=True)
+    (work / "gta5_bisenet" / "20261101-120000" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(benchmark.BenchmarkError, match=r"--work-dir .*bench: its runs trained on a version from "
+                                                       r"before they were numbered .* choose another --work-dir"):
+        benchmark.run_benchmark(work, [0], [], ssl=False, table=None)
+    (work / "generator.json").write_text(json.dumps({"generator": GENERATOR_VERSION - 1}))
+    with pytest.raises(benchmark.BenchmarkError, match=rf"version {GENERATOR_VERSION - 1} of the synthetic domains, "
+                                                       rf"and this code generates version {GENERATOR_VERSION}"):
+        benchmark.run_benchmark(work, [0], [], ssl=False, table=None)
 
 
 def test_a_failed_run_is_reported_with_its_log_after_the_others_finish(tmp_path, synthetic_root):

@@ -144,6 +144,23 @@ def test_ensure_generated_creates_once_then_reuses(tmp_path):
         ensure_generated(tmp_path / "other", TINY)
 
 
+def test_a_tree_drawn_by_another_generator_version_is_refused(tmp_path):
+    root = ensure_generated(tmp_path / "synthetic", TINY)
+    manifest = root / synthetic.MANIFEST
+    found = json.loads(manifest.read_text())
+    assert found["generator"] == synthetic.GENERATOR_VERSION
+    manifest.write_text(json.dumps({**found, "generator": synthetic.GENERATOR_VERSION - 1}))
+    with pytest.raises(ConfigError, match=rf"version {synthetic.GENERATOR_VERSION - 1} of the generator; this code "
+                                          rf"draws version {synthetic.GENERATOR_VERSION}.*delete the folder"):
+        ensure_generated(root, TINY)
+    del found["generator"]  # a tree written before the version was recorded
+    manifest.write_text(json.dumps(found))
+    with pytest.raises(ConfigError, match="a version from before they were numbered"):
+        ensure_generated(root, TINY)
+    with pytest.raises(ConfigError, match="before they were numbered"):
+        synthetic.generate(root, TINY)  # nor rewritten in place
+
+
 def test_ensure_generated_is_safe_when_racing(tmp_path, monkeypatch):
     """Two callers at once (like torchrun ranks) get one complete tree, generated once. Threads stand in for
     processes: each opens the lock file itself, and flock locks separate opens against each other."""
