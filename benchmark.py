@@ -1003,10 +1003,10 @@ def _check_generator(work_dir: Path) -> None:
         stamp.write_text(json.dumps({"generator": GENERATOR_VERSION}) + "\n")
         return
     if found != GENERATOR_VERSION:
-        drawn = f"version {found}" if found else "a version from before they were numbered"
-        raise BenchmarkError(f"--work-dir {work_dir}: its runs trained on {drawn} of the synthetic domains, and this "
-                             f"code generates version {GENERATOR_VERSION}; choose another --work-dir, or delete it "
-                             "(and the old data root, which train.py refuses too) to retrain the table")
+        raise BenchmarkError(f"--work-dir {work_dir}: its runs trained on synthetic domains of generator version "
+                             f"{found or 'unrecorded (older than 3)'}, and this code generates version "
+                             f"{GENERATOR_VERSION}; choose another --work-dir, or delete it (and the old data root, "
+                             "which train.py refuses too) to retrain the table")
 
 
 def _train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], work_dir: Path, jobs: int,

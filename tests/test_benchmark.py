@@ -384,12 +384,12 @@ def test_runs_on_another_version_of_the_synthetic_domains_are_not_reused(tmp_pat
     work = tmp_path / "bench"
     (work / "gta5_bisenet" / "20261101-120000").mkdir(parents=True)
     (work / "gta5_bisenet" / "20261101-120000" / "config.yaml").write_text("seed: 0\n")
-    with pytest.raises(benchmark.BenchmarkError, match=r"--work-dir .*bench: its runs trained on a version from "
-                                                       r"before they were numbered .* choose another --work-dir"):
+    with pytest.raises(benchmark.BenchmarkError, match=r"--work-dir .*bench: its runs trained on synthetic domains "
+                                                       r"of generator version unrecorded .* choose another --work-dir"):
         benchmark.run_benchmark(work, [0], [], ssl=False, table=None)
     (work / "generator.json").write_text(json.dumps({"generator": GENERATOR_VERSION - 1}))
-    with pytest.raises(benchmark.BenchmarkError, match=rf"version {GENERATOR_VERSION - 1} of the synthetic domains, "
-                                                       rf"and this code generates version {GENERATOR_VERSION}"):
+    with pytest.raises(benchmark.BenchmarkError, match=rf"generator version {GENERATOR_VERSION - 1}, and this "
+                                                       rf"code generates version {GENERATOR_VERSION}"):
         benchmark.run_benchmark(work, [0], [], ssl=False, table=None)
 
 
