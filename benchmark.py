@@ -1004,7 +1004,7 @@ def _check_generator(work_dir: Path) -> None:
         return
     if found != GENERATOR_VERSION:
         raise BenchmarkError(f"--work-dir {work_dir}: its runs trained on synthetic domains of generator version "
-                             f"{found or 'unrecorded (older than 3)'}, and this code generates version "
+                             f"{found or 'unrecorded (3 or older)'}, and this code generates version "
                              f"{GENERATOR_VERSION}; choose another --work-dir, or delete it (and the old data root, "
                              "which train.py refuses too) to retrain the table")
 

@@ -580,7 +580,7 @@ def _manifest_of(cfg: SyntheticConfig, photo_like: bool = False) -> dict:
 
 def _differences(found: dict, wanted: dict) -> str:
     if found.get("generator") != wanted.get("generator"):  # the drawing changed: nothing else is comparable
-        return (f"generator version {found.get('generator') or 'unrecorded (older than 3)'} on disk, "
+        return (f"generator version {found.get('generator') or 'unrecorded (3 or older)'} on disk, "
                 f"{wanted.get('generator')} in this code, docs/results_synthetic.md")
     return ", ".join(f"{k}: {found.get(k)!r} on disk, {wanted.get(k)!r} asked for"
                      for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k))
