@@ -991,7 +991,7 @@ def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: b
 def _check_generator(work_dir: Path) -> None:
     """Refuse a work dir whose runs trained on another version of the synthetic domains (they would be reused as
     if they were this version's); stamp a new one with this version."""
-    from datasets.synthetic import GENERATOR_VERSION
+    from datasets.synthetic import GENERATOR_VERSION, version_name
 
     stamp = work_dir / "generator.json"
     if stamp.is_file():
@@ -1004,7 +1004,7 @@ def _check_generator(work_dir: Path) -> None:
         return
     if found != GENERATOR_VERSION:
         raise BenchmarkError(f"--work-dir {work_dir}: its runs trained on synthetic domains of generator version "
-                             f"{found or 'unrecorded (3 or older)'}, and this code generates version "
+                             f"{version_name(found)}, and this code generates version "
                              f"{GENERATOR_VERSION}; choose another --work-dir, or delete it (and the old data root, "
                              "which train.py refuses too) to retrain the table")
 

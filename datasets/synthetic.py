@@ -578,9 +578,14 @@ def _manifest_of(cfg: SyntheticConfig, photo_like: bool = False) -> dict:
     return manifest
 
 
+def version_name(found: int | None) -> str:
+    """A recorded generator version as errors name it (trees and benchmark folders from before the number: None)."""
+    return str(found) if found else "unrecorded (3 or older)"
+
+
 def _differences(found: dict, wanted: dict) -> str:
     if found.get("generator") != wanted.get("generator"):  # the drawing changed: nothing else is comparable
-        return (f"generator version {found.get('generator') or 'unrecorded (3 or older)'} on disk, "
+        return (f"generator version {version_name(found.get('generator'))} on disk, "
                 f"{wanted.get('generator')} in this code, docs/results_synthetic.md")
     return ", ".join(f"{k}: {found.get(k)!r} on disk, {wanted.get(k)!r} asked for"
                      for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k))
