@@ -6,6 +6,7 @@
     python benchmark.py --config configs/gta5_bisenet_adv.yaml --train-step [--size 360x640] [--batch-size 2]
     python benchmark.py --runs runs/ --table all [--format md|csv] [--plot miou_fps.png]
     python benchmark.py --gpu-check [--out runs/gpu_check.json]      # CUDA only; `make gpu-check`
+    python benchmark.py --pretrain-synthetic runs/synthetic_pretrained/resnet18.pt   # the synthetic table's backbone
 
 Conventions (docs/benchmarks.md has the measured numbers):
 - FLOPs are fvcore's count, where one fused multiply-add is one flop, so they are multiply-accumulates
@@ -954,7 +955,7 @@ def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: b
     from datasets import build_dataset
     from eval import evaluate, load_models, metrics_from_confusion
 
-    _check_generator(work_dir)
+    _check_work_dir(work_dir, overrides)
     results = _finished_runs(work_dir)
 
     def refresh():
@@ -988,25 +989,33 @@ def run_benchmark(work_dir: Path, seeds: list[int], overrides: list[str], ssl: b
     return (work_dir / "table.md").read_text()
 
 
-def _check_generator(work_dir: Path) -> None:
-    """Refuse a work dir whose runs trained on another version of the synthetic domains (they would be reused as
-    if they were this version's); stamp a new one with this version."""
+def _check_work_dir(work_dir: Path, overrides: list[str]) -> None:
+    """Refuse a work dir whose runs trained on another version of the synthetic domains, or with other config
+    overrides (say another model.pretrained): they would be reused as if they were this call's. A new work dir is
+    stamped (generator.json) with the version and the overrides that change what a run learns."""
     from datasets.synthetic import GENERATOR_VERSION, version_name
 
     stamp = work_dir / "generator.json"
+    wanted = sorted(o for o in overrides if o.split("=", 1)[0] not in NOT_RESULT_KEYS)
     if stamp.is_file():
-        found = json.loads(stamp.read_text()).get("generator")
+        recorded = json.loads(stamp.read_text())
+        found = recorded.get("generator")
     elif any(work_dir.glob("*/*/config.yaml")):
-        found = None  # runs from before the version was recorded
+        recorded, found = {}, None  # runs from before the version was recorded
     else:
         work_dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"generator": GENERATOR_VERSION}) + "\n")
+        stamp.write_text(json.dumps({"generator": GENERATOR_VERSION, "overrides": wanted}) + "\n")
         return
     if found != GENERATOR_VERSION:
         raise BenchmarkError(f"--work-dir {work_dir}: its runs trained on synthetic domains of generator version "
                              f"{version_name(found)}, and this code generates version "
                              f"{GENERATOR_VERSION}; choose another --work-dir, or delete it (and the old data root, "
                              "which train.py refuses too) to retrain the table")
+    if recorded.get("overrides", []) != wanted:
+        had = " ".join(recorded.get("overrides", [])) or "none"
+        raise BenchmarkError(f"--work-dir {work_dir}: its runs trained with the overrides {had}, and this call "
+                             f"asks for {' '.join(wanted) or 'none'}; choose another --work-dir for these (or "
+                             "delete it to retrain the table)")
 
 
 def _train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], work_dir: Path, jobs: int,
@@ -1132,6 +1141,89 @@ def step_cost(configs: list[str], overrides: list[str], rounds: int, steps: int)
         step = statistics.median(times[config])
         lines.append(f"| {Path(config).stem} | {step:.3f} | {step / base:.2f} |")
     return "\n".join(lines)
+
+
+
+# ------------------------------------------------------------------------------------------ synthetic pretraining
+# `python benchmark.py --pretrain-synthetic FILE` (`make benchmark-synthetic` makes it once): what ImageNet weights
+# are to real UDA, for the synthetic table. Every protocol recipe starts from an ImageNet backbone, and from a random
+# one the methods' teachers start from colour guesses (docs/results_synthetic.md). The stand-in is a different
+# task on a different domain: the `randomised` scenes of datasets/synthetic.py (every part's colour drawn anew per
+# image, camera, layout and finish spanning both benchmark domains and more; never the benchmark's source or
+# target images) and, per cell of the backbone's last feature map, which classes cover >= 2% of it: image-level
+# labels, a multi-label classifier on a 1x1 conv, no segmentation head. The backbone alone is kept.
+PRETRAIN_DEFAULTS = {"steps": 1200, "images": 4000, "batch": 32, "lr": 2e-3, "weight_decay": 1e-2, "seed": 0}
+PRETRAIN_MIN_SHARE = 0.02  # a class is present in a cell when it covers this share of the cell's pixels
+PRETRAIN_CONFIG = SYNTHETIC / "gta5_bisenet.yaml"  # the backbone, its input norm and the read size
+
+
+def pretrain_synthetic_backbone(out: Path, overrides: list[str] = (), steps: int = PRETRAIN_DEFAULTS["steps"],
+                                images: int = PRETRAIN_DEFAULTS["images"], batch: int = PRETRAIN_DEFAULTS["batch"],
+                                seed: int = PRETRAIN_DEFAULTS["seed"]) -> dict:
+    """Pretrain the backbone of the synthetic rows (`PRETRAIN_CONFIG` with `overrides`) on `images` randomised
+    scenes for `steps` AdamW steps of `batch`, and write its state dict (torchvision key names, what
+    `model.pretrained: FILE` loads) to `out`, with the recipe and the last losses in `out` + `.json`. Rendered at
+    data.synthetic's size and read at data.source.size, as the rows read theirs. Returns the recipe."""
+    from datasets.labels import ID_TO_TRAIN_ID
+    from datasets.synthetic import GENERATOR_VERSION, render_scene
+    from datasets.transforms import resize_image
+    from models.base import InputNorm
+    from models.resnet import RESNETS, build_resnet, resnet_features
+
+    cfg = load_config(PRETRAIN_CONFIG, list(overrides))
+    for name, value in (("steps", steps), ("images", images), ("batch", batch)):
+        if value < 1:
+            raise BenchmarkError(f"--pretrain-synthetic: {name} {value}: expected a positive integer")
+    width, height = cfg.data.source.size
+    num_classes, gen = cfg.model.num_classes, cfg.data.synthetic
+    torch.manual_seed(seed)  # the initialisation; the renders are their own pure functions of (seed, index)
+    net = build_resnet(cfg.model.backbone, cfg.model.resnet_variant)
+    norm = InputNorm(cfg.model.input_norm)
+    head = nn.Conv2d(RESNETS[cfg.model.backbone][3], num_classes, 1)
+    with torch.no_grad():  # the size of layer4's map: the label grid (eval, so no BN statistics move)
+        grid = tuple(resnet_features(net.eval(), torch.zeros(1, 3, height, width))[1].shape[-2:])
+    xs, ys = [], []
+    for index in range(images):
+        image, label = render_scene("randomised", index, gen.seed + seed, gen.height, gen.width)
+        xs.append(resize_image(torch.from_numpy(image.copy()).permute(2, 0, 1), (height, width),
+                               cfg.data.source.interpolation))
+        train_ids = torch.from_numpy(ID_TO_TRAIN_ID[label].astype(np.int64))
+        onehot = nn.functional.one_hot(train_ids.clamp(max=num_classes), num_classes + 1)[..., :num_classes]
+        share = nn.functional.adaptive_avg_pool2d(onehot.permute(2, 0, 1)[None].float(), grid)[0]
+        ys.append(share >= PRETRAIN_MIN_SHARE)
+    x_all, y_all = torch.stack(xs), torch.stack(ys).float()
+    params = [*net.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=PRETRAIN_DEFAULTS["lr"], weight_decay=PRETRAIN_DEFAULTS["weight_decay"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / steps) ** 0.9)  # poly, as train.py
+    draw = torch.Generator().manual_seed(seed)
+    net.train()
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        pick = torch.randint(0, images, (batch,), generator=draw)
+        x, y = x_all[pick], y_all[pick]
+        if torch.rand((), generator=draw) < 0.5:  # a horizontal flip, the grid's labels with it
+            x, y = x.flip(-1), y.flip(-1)
+        _, features = resnet_features(net, norm(x))
+        loss = nn.functional.binary_cross_entropy_with_logits(head(features), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.detach())
+    last = torch.stack(losses[-50:]).mean().item()  # one host sync, at the end
+    recipe = {"task": f"per-cell class presence (>= {PRETRAIN_MIN_SHARE:.0%} of a cell of a {grid[0]}x{grid[1]} grid) on "
+                      "randomised synthetic scenes", "generator": GENERATOR_VERSION, "backbone": cfg.model.backbone,
+              "resnet_variant": cfg.model.resnet_variant, "input_norm": cfg.model.input_norm,
+              "size": [width, height], "steps": steps, "images": images, "batch": batch, "seed": seed,
+              "lr": PRETRAIN_DEFAULTS["lr"], "weight_decay": PRETRAIN_DEFAULTS["weight_decay"],
+              "loss_first": losses[0].item(), "loss_last50": last, "wall_time_s": time.perf_counter() - start}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    torch.save(net.state_dict(), partial)  # written whole, then renamed: never a half file under `out`
+    Path(str(out) + ".json").write_text(json.dumps(recipe, indent=2) + "\n")
+    partial.replace(out)
+    return recipe
 
 
 # ------------------------------------------------------------------------------------------ GPU check
@@ -1602,6 +1694,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "and the oracle for --seeds, then tabulate them (resumable: finished runs are reused)")
     mode.add_argument("--step-cost", nargs="+", metavar="CONFIG", help="training-step time of configs as a ratio "
                       "to the first, in interleaved --rounds of --iters steps")
+    mode.add_argument("--pretrain-synthetic", metavar="FILE.pt", help="pretrain the synthetic rows' backbone on "
+                      "randomised scenes (the benchmark's stand-in for ImageNet weights) and write it to FILE.pt; "
+                      f"--iters: steps (default {PRETRAIN_DEFAULTS['steps']}), --batch-size (default "
+                      f"{PRETRAIN_DEFAULTS['batch']})")
     mode.add_argument("--gpu-check", action="store_true", help="CUDA: every protocol config's step time and "
                       "memory, train.py on the real layouts, latency of both models, a 2-process DDP run")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
@@ -1659,7 +1755,7 @@ def main(argv=None) -> int:
             return _main_data(args)
         if args.runs:
             return _main_runs(args)
-        if args.adaptation_table or args.step_cost:
+        if args.adaptation_table or args.step_cost or args.pretrain_synthetic:
             return _main_experiments(args)
         if args.gpu_check:
             return _main_gpu_check(args)
@@ -1688,6 +1784,12 @@ def _main_experiments(args) -> int:
         torch.set_num_threads(args.threads)  # 1 is fastest when several runs share a busy machine
     if args.step_cost:
         print(step_cost(args.step_cost, args.overrides, args.rounds, args.iters or 2))
+    elif args.pretrain_synthetic:
+        recipe = pretrain_synthetic_backbone(Path(args.pretrain_synthetic), args.overrides,
+                                             steps=args.iters or PRETRAIN_DEFAULTS["steps"],
+                                             batch=args.batch_size or PRETRAIN_DEFAULTS["batch"])
+        print(f"wrote {args.pretrain_synthetic} ({recipe['steps']} steps in {recipe['wall_time_s']:.0f} s, loss "
+              f"{recipe['loss_first']:.3f} -> {recipe['loss_last50']:.3f}; recipe in {args.pretrain_synthetic}.json)")
     else:
         try:
             print(run_benchmark(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.into, args.jobs,

@@ -23,6 +23,9 @@ saturated colours and hard edges; the target has other colour distributions, sur
 blur, sensor noise, a visible ego-vehicle bonnet, and other layout statistics (camera height and focal
 length, horizon, object counts). Labels are Cityscapes label ids taken from `cityscapesscripts`.
 
+A third look, `randomised` (every part's colour drawn anew per image), is never written to a tree: it is what
+`benchmark.py --pretrain-synthetic` pretrains the benchmark's backbone on, in memory.
+
 Every image is a pure function of (seed, domain, index): it draws from its own `numpy.random.Generator`.
 `render_scene` draws one in memory, `generate` writes a tree, and `ensure_generated` (what the data loaders
 call for `name: synthetic`) writes it once, atomically, the first time a root is used.
@@ -63,7 +66,7 @@ for _label in CITYSCAPES_LABELS:
 TRAIN_CITIES = ("synthtrain0", "synthtrain1", "synthtrain2")
 VAL_CITIES = ("synthval0", "synthval1", "synthval2")
 FRAME = 19  # Cityscapes' annotated frame of each snippet is frame 000019
-DOMAIN_CODES = {"source": 0, "target": 1, "val": 2}
+DOMAIN_CODES = {"source": 0, "target": 1, "val": 2, "randomised": 3}  # randomised: pretraining only, never written
 # zlib level 1 with the run-length strategy (zlib's Z_RLE = 3): as small as the default level 6 on these
 # images (PNG's row filters leave runs and small residuals) and several times faster to write
 PNG_OPTIONS = {"compress_level": 1, "compress_type": 3}
@@ -104,6 +107,8 @@ class Style:
     noise: tuple[float, float]          # sensor noise std on the 0-255 scale
     contrast: tuple[float, float]
     ego_vehicle: bool
+    randomised: bool = False            # domain randomisation: each part's colour per image uniform in RGB,
+                                        # the texture amplitude per image uniform in [0, texture_strength]
 
 
 # Version 4: the source camera overlaps the target's and its object colours cover the target's, so that what is
@@ -158,7 +163,25 @@ TARGET = Style(
     contrast=(0.75, 0.95), ego_vehicle=True,
 )
 
-STYLES = {"source": SOURCE, "target": TARGET}
+# A third, domain-randomised look for pretraining a backbone (benchmark.py --pretrain-synthetic), as ImageNet weights
+# stand in real UDA: never a benchmark domain. Its camera and layout ranges span both domains' and more, every
+# part's colour is drawn anew per image, and the finish (texture, shadows, haze, blur, noise, light) spans the
+# flat game look to past the target's.
+RANDOMISED = Style(
+    focal=(0.55, 0.85), camera_height=(1.1, 1.9), horizon=(0.34, 0.50),
+    road_width=(7.0, 14.0), sidewalk_width=(2.0, 4.5), building_height=(8.0, 30.0),
+    block_kinds={"building": 0.6, "vegetation": 0.25, "wall": 0.0, "fence": 0.0, "open": 0.15},
+    counts={"car": 5.0, "truck": 0.5, "bus": 0.3, "train": 0.0, "person": 3.0, "rider": 0.0,
+            "bicycle": 1.0, "motorcycle": 0.0, "pole": 7.5, "tree": 2.2},
+    colours={part: ((128, 128, 128), 25) for part in {**SOURCE.colours, **TARGET.colours}},
+    car_paints=tuple((r, g, b) for r in (20, 128, 235) for g in (20, 128, 235) for b in (20, 128, 235)),
+    colour_std_image=0.0, saturation=1.0,
+    texture=TARGET.texture, texture_strength=0.09, shadows=True, sun=(0.6, 1.0),
+    exposure=(0.8, 1.4), white_balance=0.05, haze=(0.0, 0.35), blur=(0.0, 1.3), noise=(0.0, 5.0),
+    contrast=(0.7, 1.0), ego_vehicle=False, randomised=True,
+)
+
+STYLES = {"source": SOURCE, "target": TARGET, "randomised": RANDOMISED}
 
 
 # ------------------------------------------------------------------------------------------ drawing
@@ -183,8 +206,11 @@ class Canvas:
         self.draw_shade = ImageDraw.Draw(self.shade)
         # Each part's colour in this image: the domain's mean, shifted once per image, in this image's light.
         self.light = rng.uniform(*style.exposure) * (1.0 + rng.normal(0, style.white_balance, 3))
-        self.base = {part: (np.asarray(mean, np.float32) + rng.normal(0, style.colour_std_image, 3)) * self.light
-                     for part, (mean, _) in style.colours.items()}
+        if style.randomised:
+            self.base = {part: rng.uniform(0, 255, 3).astype(np.float32) * self.light for part in style.colours}
+        else:
+            self.base = {part: (np.asarray(mean, np.float32) + rng.normal(0, style.colour_std_image, 3)) * self.light
+                         for part, (mean, _) in style.colours.items()}
         self.sun_left = rng.random() < 0.5  # which facades face the sun
 
     def colour(self, part: str, scale: float = 1.0) -> tuple[int, int, int]:
@@ -509,8 +535,9 @@ def _finish(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     field = np.ones((h, w), np.float32)
     if st.texture_strength > 0:
         amp = np.zeros(256, np.float32)
+        strength = st.texture_strength * (rng.random() if st.randomised else 1.0)
         for name, a in st.texture.items():
-            amp[ID[name]] = a * st.texture_strength
+            amp[ID[name]] = a * strength
         tex = 0.6 * _upsampled_noise(rng, h, w, 4) + 0.4 * _upsampled_noise(rng, h, w, 16)
         field += amp[label] * tex
     if st.shadows:  # cast on the ground only: a nearer facade or car drawn over a shadow stays lit
@@ -544,7 +571,7 @@ def render_scene(domain: str, index: int, seed: int, height: int, width: int) ->
     if domain not in DOMAIN_CODES:
         raise ValueError(f"domain {domain!r}: expected one of {', '.join(DOMAIN_CODES)}")
     rng = np.random.default_rng([seed, DOMAIN_CODES[domain], index])
-    c = Canvas(rng, SOURCE if domain == "source" else TARGET, height, width)
+    c = Canvas(rng, STYLES.get(domain, TARGET), height, width)
     street = _draw_street(c, rng)
     _draw_blocks(c, rng, street)
     _draw_objects(c, rng, street)

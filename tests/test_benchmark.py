@@ -371,7 +371,9 @@ def test_adaptation_table_trains_every_row_two_at_a_time_and_then_reuses_them(tm
     trained = {m["config_name"] for m in benchmark._finished_runs(work).values()} - {benchmark.MBT}
     assert trained == {*benchmark.BENCHMARK_CONFIGS, "gta5_bisenet_fda_ssl"}
     assert sorted(p.name for p in (work / "logs").iterdir()) == sorted(f"{name}_seed0.log" for name in trained)
-    assert json.loads((work / "generator.json").read_text()) == {"generator": GENERATOR_VERSION}
+    stamp = json.loads((work / "generator.json").read_text())
+    assert stamp["generator"] == GENERATOR_VERSION and "train.iters=2" in stamp["overrides"]
+    assert not any(o.startswith(("data.source.root", "train.workers")) for o in stamp["overrides"])
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -391,6 +393,42 @@ def test_runs_on_another_version_of_the_synthetic_domains_are_not_reused(tmp_pat
     with pytest.raises(benchmark.BenchmarkError, match=rf"generator version {GENERATOR_VERSION - 1}, and this "
                                                        rf"code generates version {GENERATOR_VERSION}"):
         benchmark.run_benchmark(work, [0], [], ssl=False, table=None)
+
+
+def test_runs_trained_with_other_overrides_are_not_reused(tmp_path):
+    work = tmp_path / "bench"
+    (work / "gta5_bisenet" / "20261101-120000").mkdir(parents=True)
+    (work / "gta5_bisenet" / "20261101-120000" / "config.yaml").write_text("seed: 0\n")
+    (work / "generator.json").write_text(json.dumps({"generator": GENERATOR_VERSION}))  # from scratch, no overrides
+    benchmark._check_work_dir(work, ["train.workers=0", "data.source.root=elsewhere"])  # changes nothing learnt
+    with pytest.raises(benchmark.BenchmarkError, match=r"its runs trained with the overrides none, and this call "
+                                                       r"asks for model.pretrained=backbone.pt; choose another"):
+        benchmark._check_work_dir(work, ["model.pretrained=backbone.pt", "train.workers=0"])
+
+
+def test_pretrain_synthetic_writes_a_backbone_the_rows_load(tmp_path, capsys):
+    from datasets.synthetic import render_scene
+    from models import build_model
+
+    image, _ = render_scene("randomised", 0, 0, 64, 128)
+    assert not (image == render_scene("source", 0, 0, 64, 128)[0]).all()
+    out = tmp_path / "pre" / "r18.pt"
+    small = ["data.synthetic.height=32", "data.synthetic.width=64", "data.source.size=[64,32]"]
+    recipe = benchmark.pretrain_synthetic_backbone(out, small, steps=3, images=4, batch=2)
+    assert out.is_file() and not (tmp_path / "pre" / "r18.pt.partial").exists()
+    assert json.loads(out.with_name("r18.pt.json").read_text()) == recipe
+    assert recipe["generator"] == GENERATOR_VERSION and recipe["size"] == [64, 32] and recipe["steps"] == 3
+    assert "1x2 grid" in recipe["task"] and math.isfinite(recipe["loss_last50"])
+    cfg = load_config(benchmark.SYNTHETIC / "gta5_bisenet.yaml", [f"model.pretrained={out}"])
+    model = build_model(cfg.model)  # every backbone tensor present, none left over (load_backbone_weights)
+    state = torch.load(out, weights_only=True)
+    assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])
+    assert "loaded 120 backbone tensors" in capsys.readouterr().out
+    again = benchmark.pretrain_synthetic_backbone(tmp_path / "again.pt", small, steps=3, images=4, batch=2)
+    assert again["loss_last50"] == recipe["loss_last50"]  # seeded: the same file from the same recipe
+    assert all(torch.equal(v, state[k]) for k, v in torch.load(tmp_path / "again.pt", weights_only=True).items())
+    with pytest.raises(benchmark.BenchmarkError, match="steps 0: expected a positive integer"):
+        benchmark.pretrain_synthetic_backbone(out, small, steps=0)
 
 
 def test_a_failed_run_is_reported_with_its_log_after_the_others_finish(tmp_path, synthetic_root):

@@ -201,3 +201,14 @@ def test_cli_writes_the_tree(tmp_path, capsys):
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(tmp_path / "bad"), "--height", "4"])
     assert "height" in capsys.readouterr().err
+
+
+def test_the_randomised_look_draws_every_part_colour_anew_per_image(sample):
+    """The pretraining domain (benchmark.py --pretrain-synthetic): the same kind of scene, but a road (or any part)
+    can have any colour, where each benchmark domain keeps a part's colour near its own mean."""
+    def road_colours(scenes):
+        return np.stack([image[label == synthetic.ID["road"]].mean(0) for image, label in scenes])
+
+    randomised = [render_scene("randomised", i, 0, 128, 256) for i in range(8)]
+    assert road_colours(randomised).std(0).mean() > 1.8 * road_colours(sample["source"]).std(0).mean()
+    assert {int(v) for _, label in randomised for v in np.unique(label)} >= {synthetic.ID[n] for n in ("road", "sky", "car")}
