@@ -1214,9 +1214,10 @@ def pretrain_synthetic_backbone(out: Path, overrides: list[str] = (), steps: int
     task = f"per-cell class presence (>= {PRETRAIN_MIN_SHARE:.0%} of a cell of a {grid[0]}x{grid[1]} grid)"
     recipe = {"task": task + " on randomised synthetic scenes", "generator": GENERATOR_VERSION,
               "backbone": cfg.model.backbone, "resnet_variant": cfg.model.resnet_variant,
-              "input_norm": cfg.model.input_norm, "size": [width, height], "steps": steps, "images": images, "batch": batch, "seed": seed,
-              "lr": PRETRAIN_DEFAULTS["lr"], "weight_decay": PRETRAIN_DEFAULTS["weight_decay"],
-              "loss_first": losses[0].item(), "loss_last50": last, "wall_time_s": time.perf_counter() - start}
+              "input_norm": cfg.model.input_norm, "size": [width, height], "steps": steps, "images": images,
+              "batch": batch, "seed": seed, "lr": PRETRAIN_DEFAULTS["lr"],
+              "weight_decay": PRETRAIN_DEFAULTS["weight_decay"], "loss_first": losses[0].item(),
+              "loss_last50": last, "wall_time_s": time.perf_counter() - start}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
