@@ -42,12 +42,13 @@ demo: $(STAMP)
 # Every adaptation method against source-only and the oracle on the synthetic domains, three seeds (resumable:
 # finished runs are reused, an interrupted one carries on from its last.pt), at the configs' 128x64 and 500
 # steps; the table lands in docs/results_synthetic.md. Every row starts from one backbone pretrained on
-# randomised scenes (BENCH_PRETRAINED: made once, about 10 minutes on 2 cores; benchmark.py --pretrain-synthetic),
+# randomised scenes (BENCH_PRETRAINED: made once, about 12 minutes on 2 cores; benchmark.py --pretrain-synthetic),
 # what ImageNet weights are to the protocol's rows; delete the file to pretrain it again.
 # BENCH_JOBS trainings side by side, the cores shared out between them (2 on 2 cores: about 40 minutes a seed).
 BENCH_ROOT := data/synthetic_benchmark_adaptation
 BENCH_JOBS ?= 2
-BENCH_PRETRAINED := runs/synthetic_pretrained/resnet18_randomised.pt
+# Named by its recipe, so that a file made by an older recipe is not reused.
+BENCH_PRETRAINED := runs/synthetic_pretrained/resnet18_randomised_2400steps.pt
 
 $(BENCH_PRETRAINED): | $(STAMP)
 	$(PYTHON) benchmark.py --pretrain-synthetic $@

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -997,6 +998,8 @@ def _check_work_dir(work_dir: Path, overrides: list[str]) -> None:
 
     stamp = work_dir / "generator.json"
     wanted = sorted(o for o in overrides if o.split("=", 1)[0] not in NOT_RESULT_KEYS)
+    wanted += [f"{key}:sha256={_file_sha256(Path(value))}" for key, value in (o.split("=", 1) for o in wanted)
+               if key == "model.pretrained" and Path(value).is_file()]  # another file under the same name
     if stamp.is_file():
         recorded = json.loads(stamp.read_text())
         found = recorded.get("generator")
@@ -1016,6 +1019,14 @@ def _check_work_dir(work_dir: Path, overrides: list[str]) -> None:
         raise BenchmarkError(f"--work-dir {work_dir}: its runs trained with the overrides {had}, and this call "
                              f"asks for {' '.join(wanted) or 'none'}; choose another --work-dir for these (or "
                              "delete it to retrain the table)")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], work_dir: Path, jobs: int,
@@ -1152,7 +1163,7 @@ def step_cost(configs: list[str], overrides: list[str], rounds: int, steps: int)
 # image, camera, layout and finish spanning both benchmark domains and more; never the benchmark's source or
 # target images) and, per cell of the backbone's last feature map, which classes cover >= 2% of it: image-level
 # labels, a multi-label classifier on a 1x1 conv, no segmentation head. The backbone alone is kept.
-PRETRAIN_DEFAULTS = {"steps": 1200, "images": 4000, "batch": 32, "lr": 2e-3, "weight_decay": 1e-2, "seed": 0}
+PRETRAIN_DEFAULTS = {"steps": 2400, "images": 8000, "batch": 32, "lr": 2e-3, "weight_decay": 1e-2, "seed": 0}
 PRETRAIN_MIN_SHARE = 0.02  # a class is present in a cell when it covers this share of the cell's pixels
 PRETRAIN_CONFIG = SYNTHETIC / "gta5_bisenet.yaml"  # the backbone, its input norm and the read size
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -404,6 +405,18 @@ def test_runs_trained_with_other_overrides_are_not_reused(tmp_path):
     with pytest.raises(benchmark.BenchmarkError, match=r"its runs trained with the overrides none, and this call "
                                                        r"asks for model.pretrained=backbone.pt; choose another"):
         benchmark._check_work_dir(work, ["model.pretrained=backbone.pt", "train.workers=0"])
+
+
+def test_a_backbone_file_replaced_under_the_same_name_is_not_reused(tmp_path):
+    backbone, work = tmp_path / "backbone.pt", tmp_path / "bench"
+    backbone.write_bytes(b"first recipe")
+    benchmark._check_work_dir(work, [f"model.pretrained={backbone}"])  # stamps the new work dir
+    stamp = json.loads((work / "generator.json").read_text())
+    assert stamp["overrides"][1] == f"model.pretrained:sha256={hashlib.sha256(b'first recipe').hexdigest()}"
+    benchmark._check_work_dir(work, [f"model.pretrained={backbone}"])  # the same file: its runs are reused
+    backbone.write_bytes(b"second recipe")
+    with pytest.raises(benchmark.BenchmarkError, match=r"model.pretrained:sha256=\w+; choose another --work-dir"):
+        benchmark._check_work_dir(work, [f"model.pretrained={backbone}"])
 
 
 def test_pretrain_synthetic_writes_a_backbone_the_rows_load(tmp_path, capsys):
