@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -252,9 +253,14 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as a RuntimeError
+            free = shutil.disk_usage(path.parent).free
+            kept = f"the previous {path.name} is untouched" if path.exists() else "no earlier one was written"
+            raise CheckpointError(f"{path}: could not write the checkpoint ({exc}); {free / 2**20:.0f} MiB free in "
+                                  f"{path.parent}; {kept}") from exc
         raise
     with contextlib.suppress(OSError):  # persist the rename itself (not possible on every file system)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -277,7 +283,7 @@ def output_folder_problem(folder: Path) -> str | None:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read."""
+    """A checkpoint file that cannot be read or written."""
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

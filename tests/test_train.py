@@ -118,17 +118,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_p
     assert not list(checkpoint.parent.glob("metrics.json"))
 
 
-def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),  # the OS's word for it
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")])
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
     path = tmp_path / "last.pt"
     runtime.save_checkpoint({"iteration": 1, "w": torch.ones(3)}, path)
 
     def disk_full(obj, f, *args, **kwargs):
         f.write(b"partial")
-        raise OSError(28, "No space left on device")
+        raise failure  # torch's zip writer says "unexpected pos" when the disk fills under it
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(runtime.CheckpointError, match=rf"{path}: could not write the checkpoint \(.+\); \d+ MiB "
+                                                      r"free in .+; the previous last.pt is untouched") as caught:
         runtime.save_checkpoint({"iteration": 2, "w": torch.zeros(3)}, path)
+    assert caught.value.__cause__ is failure
+    with pytest.raises(runtime.CheckpointError, match="no earlier one was written"):
+        runtime.save_checkpoint({"iteration": 2}, tmp_path / "best.pt")
     monkeypatch.undo()
     assert runtime.load_checkpoint(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
