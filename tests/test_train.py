@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,8 +130,9 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
         raise failure  # torch's zip writer says "unexpected pos" when the disk fills under it
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(runtime.CheckpointError, match=rf"{path}: could not write the checkpoint \(.+\); \d+ MiB "
-                                                      r"free in .+; the previous last.pt is untouched") as caught:
+    with pytest.raises(runtime.CheckpointError, match=rf"{re.escape(str(path))}: could not write the checkpoint "
+                                                      r"\(.+\); \d+ MiB free in .+; the previous last\.pt is "
+                                                      r"untouched") as caught:
         runtime.save_checkpoint({"iteration": 2, "w": torch.zeros(3)}, path)
     assert caught.value.__cause__ is failure
     with pytest.raises(runtime.CheckpointError, match="no earlier one was written"):
