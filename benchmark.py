@@ -1233,6 +1233,7 @@ def pretrain_synthetic_backbone(out: Path, overrides: list[str] = (), steps: int
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     torch.save(net.state_dict(), partial)  # written whole, then renamed: never a half file under `out`
+    recipe["sha256"] = _file_sha256(partial)  # so that a file pretrained again can be checked against a table's
     Path(str(out) + ".json").write_text(json.dumps(recipe, indent=2) + "\n")
     partial.replace(out)
     return recipe
@@ -1801,7 +1802,8 @@ def _main_experiments(args) -> int:
                                              steps=args.iters or PRETRAIN_DEFAULTS["steps"],
                                              batch=args.batch_size or PRETRAIN_DEFAULTS["batch"])
         print(f"wrote {args.pretrain_synthetic} ({recipe['steps']} steps in {recipe['wall_time_s']:.0f} s, loss "
-              f"{recipe['loss_first']:.3f} -> {recipe['loss_last50']:.3f}; recipe in {args.pretrain_synthetic}.json)")
+              f"{recipe['loss_first']:.3f} -> {recipe['loss_last50']:.3f}; sha256 {recipe['sha256'][:16]}...; recipe in "
+              f"{args.pretrain_synthetic}.json)")
     else:
         try:
             print(run_benchmark(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.into, args.jobs,
