@@ -1802,8 +1802,8 @@ def _main_experiments(args) -> int:
                                              steps=args.iters or PRETRAIN_DEFAULTS["steps"],
                                              batch=args.batch_size or PRETRAIN_DEFAULTS["batch"])
         print(f"wrote {args.pretrain_synthetic} ({recipe['steps']} steps in {recipe['wall_time_s']:.0f} s, loss "
-              f"{recipe['loss_first']:.3f} -> {recipe['loss_last50']:.3f}; sha256 {recipe['sha256'][:16]}...; recipe in "
-              f"{args.pretrain_synthetic}.json)")
+              f"{recipe['loss_first']:.3f} -> {recipe['loss_last50']:.3f}; sha256 {recipe['sha256'][:16]}...; "
+              f"recipe in {args.pretrain_synthetic}.json)")
     else:
         try:
             print(run_benchmark(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.into, args.jobs,
