@@ -1228,7 +1228,11 @@ def pretrain_synthetic_backbone(out: Path, overrides: list[str] = (), steps: int
               "input_norm": cfg.model.input_norm, "size": [width, height], "steps": steps, "images": images,
               "batch": batch, "seed": seed, "lr": PRETRAIN_DEFAULTS["lr"],
               "weight_decay": PRETRAIN_DEFAULTS["weight_decay"], "loss_first": losses[0].item(),
-              "loss_last50": last, "wall_time_s": time.perf_counter() - start}
+              "loss_last50": last, "wall_time_s": time.perf_counter() - start,
+              # The same recipe on another machine gives other weights (other CPU kernels round differently), so
+              # the record names the machine's: torch, its CPU kernel set and thread count.
+              "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "threads": torch.get_num_threads()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
