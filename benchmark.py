@@ -67,13 +67,14 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def environment(device: torch.device) -> dict:
-    """What a timing depends on: versions, the device's name, threads and the machine's load."""
+    """What a timing depends on: versions, the device's name, threads and the machine's load; on the CPU also
+    the kernel set torch dispatches to (AVX2, AVX512, ...), which changes both speed and rounding."""
+    env = {"torch": torch.__version__, "device": device.type}
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        env["device_name"] = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_name()
-    return {"torch": torch.__version__, "device": device.type, "device_name": name,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        env.update(device_name=_cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+    return {**env, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -1229,10 +1230,9 @@ def pretrain_synthetic_backbone(out: Path, overrides: list[str] = (), steps: int
               "batch": batch, "seed": seed, "lr": PRETRAIN_DEFAULTS["lr"],
               "weight_decay": PRETRAIN_DEFAULTS["weight_decay"], "loss_first": losses[0].item(),
               "loss_last50": last, "wall_time_s": time.perf_counter() - start,
-              # The same recipe on another machine gives other weights (other CPU kernels round differently), so
-              # the record names the machine's: torch, its CPU kernel set and thread count.
-              "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "threads": torch.get_num_threads()}
+              # The same recipe on another machine gave other weights (most likely its CPU kernels rounding
+              # differently), so the record names the machine's torch, CPU kernel set and threads.
+              "machine": environment(torch.device("cpu"))}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")

@@ -432,8 +432,9 @@ def test_pretrain_synthetic_writes_a_backbone_the_rows_load(tmp_path, capsys):
     assert json.loads(out.with_name("r18.pt.json").read_text()) == recipe
     assert recipe["generator"] == GENERATOR_VERSION and recipe["size"] == [64, 32] and recipe["steps"] == 3
     assert "1x2 grid" in recipe["task"] and math.isfinite(recipe["loss_last50"])
-    assert recipe["torch"] == torch.__version__ and recipe["threads"] == torch.get_num_threads()
-    assert recipe["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    machine = recipe["machine"]
+    assert machine["torch"] == torch.__version__ and machine["threads"] == torch.get_num_threads()
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     cfg = load_config(benchmark.SYNTHETIC / "gta5_bisenet.yaml", [f"model.pretrained={out}"])
     model = build_model(cfg.model)  # every backbone tensor present, none left over (load_backbone_weights)
     state = torch.load(out, weights_only=True)
