@@ -41,9 +41,15 @@ def _upsampled_ce(logits: torch.Tensor, label: torch.Tensor, size) -> torch.Tens
 
 
 class Strategy(nn.Module, abc.ABC):
-    """The interface the trainer drives. Subclasses set `needs_target` and implement `training_step`."""
+    """The interface the trainer drives. Subclasses set `needs_target`, implement `training_step` and name
+    themselves in tables and plots through `label(adapt_cfg)`."""
 
     needs_target = False
+
+    @classmethod
+    @abc.abstractmethod
+    def label(cls, a) -> str:
+        """The method's name in the thesis tables and the mIoU-FPS plot, from its `adapt` section."""
 
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__()
@@ -66,6 +72,10 @@ def _check_multi_level(cfg: Config) -> None:
 class SourceOnly(Strategy):
     """No adaptation: supervised loss on the labelled source batch."""
 
+    @classmethod
+    def label(cls, a) -> str:
+        return "Source only"
+
     def training_step(self, model, source, target, ctx):
         with ctx.autocast():
             output = model(source["image"])
@@ -83,6 +93,10 @@ class Adversarial(Strategy):
     """
 
     needs_target = True
+
+    @classmethod
+    def label(cls, a) -> str:
+        return f"Adversarial ({'multi' if a.multi_level else 'single'}-level, λ={a.lambda_adv:g})"
 
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
@@ -192,6 +206,10 @@ class MinEnt(Strategy):
 
     needs_target = True
 
+    @classmethod
+    def label(cls, a) -> str:
+        return f"MinEnt ({'multi' if a.multi_level else 'single'}-level, λ={a.lambda_ent:g})"
+
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
         a = cfg.adapt
@@ -219,6 +237,10 @@ class MinEnt(Strategy):
 class AdvEnt(Adversarial):
     """ADVENT's AdvEnt: AdaptSegNet's training (the `adversarial` keys, single or multi-level) whose
     discriminators see the weighted self-information map -p log2(p) / log2(C) instead of the softmax."""
+
+    @classmethod
+    def label(cls, a) -> str:
+        return f"AdvEnt ({'multi' if a.multi_level else 'single'}-level, λ={a.lambda_adv:g})"
 
     def _softmaxes(self, output, size) -> dict[str, torch.Tensor]:
         """What the discriminators see: the self-information maps of the upsampled softmaxes."""
@@ -266,6 +288,10 @@ class FDA(Strategy):
     """
 
     needs_target = True
+
+    @classmethod
+    def label(cls, a) -> str:
+        return f"FDA (β={a.beta:g})"
 
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
@@ -543,6 +569,10 @@ class DACS(Strategy):
 
     needs_target = True
 
+    @classmethod
+    def label(cls, a) -> str:
+        return "DACS"
+
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
         src, tgt, crop = cfg.data.source.size, cfg.data.target.size, cfg.adapt.crop
@@ -645,6 +675,10 @@ class MIC(DACS):
     the EMA teacher's pseudo-labels of the unmasked target, with DACS's pixel weights (rows zeroed included),
     weighted `mask_lambda`.
     """
+
+    @classmethod
+    def label(cls, a) -> str:
+        return "MIC"
 
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)

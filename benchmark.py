@@ -652,14 +652,8 @@ def augment_label(cfg: Config) -> str:
 
 
 def method_label(cfg: Config) -> str:
-    a = cfg.adapt
-    if a.name == "adversarial":
-        return f"Adversarial ({'multi' if a.multi_level else 'single'}-level, λ={a.lambda_adv:g})"
-    if a.name == "fda":
-        return f"FDA (β={a.beta:g})"
-    if a.name == "dacs":
-        return "DACS"
-    return "Source only"
+    from adapt import STRATEGIES
+    return STRATEGIES[cfg.adapt.name].label(cfg.adapt)
 
 
 def model_label(model_cfg) -> str:

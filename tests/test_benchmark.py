@@ -265,6 +265,28 @@ def test_rows_are_classified_from_the_config_not_the_folder(runs_dir):
     assert cs[5] == 25.59 and cs[6] == pytest.approx(12.054042) and cs[7] == "512x1024"
 
 
+def test_every_method_is_named_in_the_adaptation_table_and_the_plot(runs_dir, tmp_path):
+    # MinEnt, AdvEnt and MIC runs were once labelled "Source only": each strategy now names itself
+    from adapt import STRATEGIES
+    assert all("label" in vars(cls) for cls in STRATEGIES.values()), "every strategy names itself"
+    expected = {"minent": "MinEnt (single-level, λ=0.001)", "advent": "AdvEnt (single-level, λ=0.001)",
+                "mic": "MIC", "dacs": "DACS"}
+    for name in expected:
+        write_run(runs_dir, name, {**GTA, "adapt": {"name": name}}, 0, 35.0, [1, 2, 3])
+    runs, problems = benchmark.find_runs([runs_dir])
+    methods = {r[1] for r in by_key(benchmark.build_tables(runs, "adaptation", problems=problems), "adaptation").rows}
+    assert set(expected.values()) <= methods and "Source only" not in methods
+    labels = []
+    original = benchmark._distinguish
+    benchmark._distinguish = lambda names, groups: labels.extend(names) or original(names, groups)
+    try:
+        benchmark.plot_miou_fps(runs, tmp_path / "plot.png")
+    finally:
+        benchmark._distinguish = original
+    for label in expected.values():
+        assert any(f"· {label}" in text for text in labels), label
+
+
 def test_synthetic_runs_get_their_own_marked_tables(runs_dir):
     runs, problems = benchmark.find_runs([runs_dir])
     tables = benchmark.build_tables(runs, "domain-shift", problems=problems)
