@@ -352,7 +352,8 @@ def parse_duration(value: str | float) -> float:
 # A100 under `auto` changes it anyway), not the recipe.
 RESUME_FREE_KEYS = ("name", "train.amp", "train.workers", "train.log_interval", "train.checkpoint_interval",
                     "train.eval_interval", "train.vis_images", "train.max_wall_time", "train.keep_every",
-                    "eval.batch_size", "data.source.root", "data.target.root", "data.val.root")
+                    "eval.batch_size", "data.source.root", "data.target.root", "data.val.root",
+                    "data.cache")  # the cache gives byte-identical items
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

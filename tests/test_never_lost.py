@@ -301,6 +301,15 @@ def test_max_wall_time_stops_with_last_saved_and_resume_auto_finishes(data_root,
     assert resumed == run_dir and json.loads((run_dir / "metrics.json").read_text())["iterations"] == 4
 
 
+def test_resume_with_another_data_cache_folder_carries_on(data_root, tmp_path):
+    # The cache gives byte-identical items, and Colab/Kaggle users set it per session: not a learning difference
+    work = tmp_path / "runs"
+    run_dir = unfinished_run(data_root, work)
+    cfg = load_config(SOURCE_ONLY, tiny_overrides(data_root, **{"data.cache": tmp_path / "session2_cache"}))
+    assert train.train(cfg, work_dir=work, resume="auto") == run_dir
+    assert json.loads((run_dir / "metrics.json").read_text())["iterations"] == 4
+
+
 def test_a_truncated_label_is_found_before_the_first_step(data_root, tmp_path, capsys):
     """The pre-flight check reads every file's header and end chunk: a cut file fails in seconds, not hours in."""
     data = tmp_path / "data"
