@@ -145,7 +145,7 @@ def label_id_colours(label_ids: np.ndarray) -> np.ndarray:
 def expected_train_ids(label_ids: np.ndarray, form: str) -> np.ndarray:
     """What the loader must return for `label_ids` written in `form`. A colour label cannot tell 'polegroup'
     (id 18) from 'pole' (they share a colour): it reads as pole (train id 5); the id forms ignore it."""
-    from datasets.labels import ID_TO_TRAIN_ID
+    from rtda.datasets.labels import ID_TO_TRAIN_ID
 
     train_ids = ID_TO_TRAIN_ID[label_ids].copy()
     if form.endswith("color"):
@@ -161,7 +161,7 @@ def write_cityscapes_form(root: Path, form: str, cities: dict[str, list[str]] | 
     cityscapes_official: leftImg8bit/ + *_gtFine_labelIds.png. cityscapes_trainids: what createTrainIdLabelImgs
     leaves, *_gtFine_labelTrainIds.png next to the labelIds (only the train ids with both_label_files=False).
     cityscapes_course: images/ + *_gtFine_labelTrainIds.png only."""
-    from datasets.labels import ID_TO_TRAIN_ID
+    from rtda.datasets.labels import ID_TO_TRAIN_ID
 
     assert form in CITYSCAPES_FORMS, form
     cities = cities or {"train": ["aachen", "bremen"], "val": ["frankfurt"]}
@@ -189,7 +189,7 @@ def write_gta5_form(root: Path, form: str, count: int = 4, seed: int = 0, height
 
     gta5_official: palettised label ids with the label colours as palette (as released). gta5_color: RGB colour
     labels (the course subset). gta5_trainids: greyscale train ids (a re-saved set)."""
-    from datasets.labels import ID_TO_TRAIN_ID
+    from rtda.datasets.labels import ID_TO_TRAIN_ID
 
     assert form in GTA5_FORMS, form
     rng = np.random.default_rng(seed)
@@ -215,10 +215,11 @@ def write_gta5_form(root: Path, form: str, count: int = 4, seed: int = 0, height
 
 def straight_and_resumed(cfg, tmp_path: Path, monkeypatch) -> tuple[dict, dict]:
     """last.pt of `cfg` trained straight through, and of the same run resumed from its iteration-2 last.pt."""
-    import runtime
-    from train import train
+    import rtda.engine
+    from rtda.engine import train
+    from rtda.utils.files import load_checkpoint, save_checkpoint
 
-    save = runtime.save_checkpoint
+    save = save_checkpoint
     halfway = tmp_path / "halfway" / "last.pt"
 
     def save_and_keep_halfway(state, path):
@@ -226,18 +227,18 @@ def straight_and_resumed(cfg, tmp_path: Path, monkeypatch) -> tuple[dict, dict]:
         if state["iteration"] == 2 and Path(path).name == "last.pt":
             save(state, halfway)
 
-    monkeypatch.setattr(runtime, "save_checkpoint", save_and_keep_halfway)
-    straight = runtime.load_checkpoint(train(cfg, work_dir=tmp_path / "straight") / "last.pt")
+    monkeypatch.setattr(rtda.engine, "save_checkpoint", save_and_keep_halfway)
+    straight = load_checkpoint(train(cfg, work_dir=tmp_path / "straight") / "last.pt")
     assert halfway.is_file()
-    resumed = runtime.load_checkpoint(train(cfg, work_dir=tmp_path / "resumed", resume=str(halfway)) / "last.pt")
+    resumed = load_checkpoint(train(cfg, work_dir=tmp_path / "resumed", resume=str(halfway)) / "last.pt")
     return straight, resumed
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """The tiny synthetic domains (tiny_overrides' sizes), generated once per session by the real data path."""
-    from config import load_config
-    from datasets import build_dataset
+    from rtda.config import load_config
+    from rtda.datasets import build_dataset
 
     root = tmp_path_factory.mktemp("synthetic") / "data"
     source_only = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "gta5_bisenet.yaml"

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import adapt
-import runtime
-from config import from_dict, load_config
+from rtda import adapt
+from rtda.config import from_dict, load_config
+from rtda.models.base import SegOutput
+from rtda.utils.files import load_checkpoint
+
 from conftest import straight_and_resumed, tiny_overrides
-from models.base import SegOutput
 
 C = 5  # classes of the stand-in network
 
@@ -369,13 +370,13 @@ def test_every_synthetic_adaptation_config_is_covered():
 @pytest.mark.parametrize("config", [p for p in ADAPT_CONFIGS if p.stem not in (
     "gta5_bisenet_fda_b0.09", "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs")], ids=lambda p: p.stem)
 def test_synthetic_config_trains_end_to_end(config, tiny_root, tmp_path):
-    from train import train
+    from rtda.engine import train
 
     cfg = load_config(config, tiny(tiny_root))
     run_dir = train(cfg, work_dir=tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["adapt"] == cfg.adapt.name and metrics["iterations"] == 2
-    strategy_state = runtime.load_checkpoint(run_dir / "last.pt")["strategy"]
+    strategy_state = load_checkpoint(run_dir / "last.pt")["strategy"]
     if cfg.adapt.name == "adversarial":
         levels = {k.split(".")[1] for k in strategy_state if k.startswith("discriminators.")}
         assert levels == ({"main", "aux"} if cfg.adapt.multi_level else {"main"})
@@ -383,7 +384,7 @@ def test_synthetic_config_trains_end_to_end(config, tiny_root, tmp_path):
 
 
 def test_mbt_pseudo_labels_then_self_supervised_round(tiny_root, tmp_path):
-    from train import train
+    from rtda.engine import train
 
     fda = load_config(REPO / "configs" / "synthetic" / "gta5_bisenet_fda_b0.09.yaml", tiny(tiny_root))
     checkpoint = train(fda, work_dir=tmp_path / "runs") / "last.pt"

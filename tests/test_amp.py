@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import adapt
-import runtime
-import train
-from config import ConfigError, TrainConfig, from_dict, load_config
+from rtda import adapt
+from rtda import engine as train
+from rtda.config import ConfigError, TrainConfig, from_dict, load_config
+from rtda.models.base import SegOutput
+from rtda.utils.amp import AMP_CHOICES, amp_name, autocast, autocast_dtype, grad_scaler, load_scaler_state
+from rtda.utils.files import load_checkpoint
+
 from conftest import tiny_overrides
-from models.base import SegOutput
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "configs" / "synthetic"
@@ -30,7 +32,7 @@ C = 5
 
 # ------------------------------------------------------------------------------------- choosing a dtype
 def test_amp_choices_are_the_config_schema_and_auto_is_the_default():
-    assert typing.get_args(typing.get_type_hints(TrainConfig)["amp"]) == runtime.AMP_CHOICES
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["amp"]) == AMP_CHOICES
     assert TrainConfig().amp == "auto"
     for name in ("cityscapes_bisenet", "gta5_deeplabv2_dacs"):  # the protocol schedules choose per GPU
         assert load_config(REPO / "configs" / f"{name}.yaml").train.amp == "auto"
@@ -53,13 +55,13 @@ def test_auto_chooses_by_compute_capability(monkeypatch, capability, expected):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # natively or emulated (T4)
-    assert runtime.autocast_dtype("auto", CUDA0) is expected
+    assert autocast_dtype("auto", CUDA0) is expected
     assert asked == [CUDA0]  # the run's own GPU is asked, not whichever is current
     # a forced choice is kept whatever the GPU
-    assert runtime.autocast_dtype("bf16", CUDA0) is torch.bfloat16
-    assert runtime.autocast_dtype("fp16", CUDA0) is torch.float16
-    assert runtime.autocast_dtype("none", CUDA0) is None
-    assert runtime.amp_name(expected) == ("bf16" if expected is torch.bfloat16 else "fp16")
+    assert autocast_dtype("bf16", CUDA0) is torch.bfloat16
+    assert autocast_dtype("fp16", CUDA0) is torch.float16
+    assert autocast_dtype("none", CUDA0) is None
+    assert amp_name(expected) == ("bf16" if expected is torch.bfloat16 else "fp16")
 
 
 def test_forced_bf16_on_a_gpu_without_it_is_one_line_before_training(monkeypatch):
@@ -68,37 +70,37 @@ def test_forced_bf16_on_a_gpu_without_it_is_one_line_before_training(monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
     with pytest.raises(ConfigError, match=r"^train.amp = 'bf16': Tesla P100-PCIE-16GB \(compute capability 6.0\) "
                                           r"has no bf16 support; use train.amp=auto or fp16$"):
-        runtime.autocast_dtype("bf16", CUDA0)
-    assert runtime.autocast_dtype("auto", CUDA0) is torch.float16
+        autocast_dtype("bf16", CUDA0)
+    assert autocast_dtype("auto", CUDA0) is torch.float16
 
 
 def test_cpu_auto_is_float32_and_forced_dtypes_use_cpu_autocast(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: pytest.fail("CPU must not ask CUDA"))
-    assert runtime.autocast_dtype("auto", CPU) is None and runtime.autocast_dtype("none", CPU) is None
+    assert autocast_dtype("auto", CPU) is None and autocast_dtype("none", CPU) is None
     for amp, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        assert runtime.autocast_dtype(amp, CPU) is dtype
-        with runtime.autocast(CPU, dtype):
+        assert autocast_dtype(amp, CPU) is dtype
+        with autocast(CPU, dtype):
             assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
             assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == dtype
-    assert runtime.grad_scaler(CPU, torch.float16).is_enabled()  # torch.amp.GradScaler("cpu")
-    assert not runtime.grad_scaler(CPU, torch.bfloat16).is_enabled()
-    assert not runtime.grad_scaler(CPU, None).is_enabled()
+    assert grad_scaler(CPU, torch.float16).is_enabled()  # torch.amp.GradScaler("cpu")
+    assert not grad_scaler(CPU, torch.bfloat16).is_enabled()
+    assert not grad_scaler(CPU, None).is_enabled()
     with pytest.raises(ValueError, match=r"train.amp = 'fp8': expected one of auto, bf16, fp16, none"):
-        runtime.autocast_dtype("fp8", CPU)
+        autocast_dtype("fp8", CPU)
 
 
 def test_scaler_state_loads_across_amp_modes():
-    fp16 = runtime.grad_scaler(CPU, torch.float16)
+    fp16 = grad_scaler(CPU, torch.float16)
     fp16.scale(torch.ones(()))  # the scale exists from the first scaled loss on
     fp16.update(1024.0)
-    saved_fp16, saved_bf16 = fp16.state_dict(), runtime.grad_scaler(CPU, torch.bfloat16).state_dict()
+    saved_fp16, saved_bf16 = fp16.state_dict(), grad_scaler(CPU, torch.bfloat16).state_dict()
     assert saved_bf16 == {}  # what a bf16 / float32 run's checkpoint holds
-    fresh = runtime.grad_scaler(CPU, torch.float16)
-    runtime.load_scaler_state(fresh, saved_bf16)  # a bf16 run resumed on a T4 (auto -> fp16): fresh scale
+    fresh = grad_scaler(CPU, torch.float16)
+    load_scaler_state(fresh, saved_bf16)  # a bf16 run resumed on a T4 (auto -> fp16): fresh scale
     assert fresh.get_scale() == 65536.0
-    runtime.load_scaler_state(fresh, saved_fp16)
+    load_scaler_state(fresh, saved_fp16)
     assert fresh.get_scale() == 1024.0
-    runtime.load_scaler_state(runtime.grad_scaler(CPU, torch.bfloat16), saved_fp16)  # fp16 -> bf16: dropped
+    load_scaler_state(grad_scaler(CPU, torch.bfloat16), saved_fp16)  # fp16 -> bf16: dropped
 
 
 # --------------------------------------------------------------------- float32 islands under autocast
@@ -135,7 +137,7 @@ def test_entropy_and_weighted_losses_are_float32_under_autocast(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_prediction_under_autocast_gives_float32_probabilities(dtype):
     """eval.predict_probs (validation, FDA's multi-band pseudo-labels) with train.amp forced on CPU."""
-    from eval import predict_probs
+    from rtda.evaluation import predict_probs
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1)).eval()
@@ -167,7 +169,7 @@ def one_step_setup(name: str, dtype: torch.dtype, iteration: int = 0):
     strategy = adapt.build_strategy(cfg, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    scaler = runtime.grad_scaler(CPU, dtype)
+    scaler = grad_scaler(CPU, dtype)
     ctx = train.StepContext(10, CPU, dtype, scaler, lambda it: 1.0)
     ctx.iteration = iteration
     g = torch.Generator().manual_seed(1)
@@ -262,7 +264,7 @@ def tiny(root: Path, amp: str, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def amp_root(tmp_path_factory) -> Path:
-    from datasets import build_dataset
+    from rtda.datasets import build_dataset
 
     root = tmp_path_factory.mktemp("synthetic_amp") / "data"
     cfg = load_config(SYNTHETIC / "gta5_bisenet.yaml", tiny(root, "none"))
@@ -273,7 +275,7 @@ def amp_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pseudo_labels(amp_root, tmp_path_factory) -> Path:
     """Random train-id pseudo-labels (255 included) for the synthetic target, where FDA's SSL round reads them."""
-    from datasets import build_dataset
+    from rtda.datasets import build_dataset
 
     cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml", tiny(amp_root, "none"))
     cfg.data.target.pseudo_labels = None
@@ -298,13 +300,13 @@ E2E_CONFIGS = ["gta5_bisenet", "gta5_bisenet_adv_multi", "gta5_bisenet_fda_b0.09
 @pytest.mark.parametrize("name", E2E_CONFIGS)
 def test_every_strategy_trains_under_cpu_autocast(name, amp, amp_root, pseudo_labels, tmp_path, monkeypatch):
     dtypes = []
-    real_autocast = runtime.autocast
+    real_autocast = autocast
 
     def recording_autocast(device, dtype):
         dtypes.append(dtype)
         return real_autocast(device, dtype)
 
-    monkeypatch.setattr(runtime, "autocast", recording_autocast)
+    monkeypatch.setattr(train, "autocast", recording_autocast)
     extra = {"data.target.pseudo_labels": pseudo_labels} if name.endswith("_ssl") else {}
     cfg = load_config(SYNTHETIC / f"{name}.yaml", tiny(amp_root, amp, **extra))
     run_dir = train.train(cfg, work_dir=tmp_path)  # raises TrainingDiverged on a non-finite loss or weight
@@ -312,7 +314,7 @@ def test_every_strategy_trains_under_cpu_autocast(name, amp, amp_root, pseudo_la
     # every autocast region of the strategy ran in that dtype (None: validation, which scores in float32)
     assert {d for d in dtypes if d is not None} == {expected} and dtypes.count(expected) >= 2
     assert json.loads((run_dir / "metrics.json").read_text())["iterations"] == 2
-    state = runtime.load_checkpoint(run_dir / "last.pt")
+    state = load_checkpoint(run_dir / "last.pt")
     if amp == "fp16":  # the CPU GradScaler was live and is saved for a resume
         assert 0 < state["scaler"]["scale"] <= 65536.0
     else:
@@ -338,7 +340,7 @@ def test_trainer_survives_fp16_overflows_and_resumes_under_another_dtype(amp_roo
     monkeypatch.setattr(adapt.SourceOnly, "training_step", overflowing_step)
     cfg = load_config(SYNTHETIC / "gta5_bisenet.yaml", tiny(amp_root, "fp16"))
     run_dir = train.train(cfg, work_dir=tmp_path)  # skipped steps are not a divergence: the run finishes
-    state = runtime.load_checkpoint(run_dir / "last.pt")
+    state = load_checkpoint(run_dir / "last.pt")
     assert state["optimizer"]["state"] == {}  # both steps skipped: SGD never made a momentum buffer
     assert state["scaler"]["scale"] == 65536.0 / 4  # halved by each of the 2 skipped steps
     monkeypatch.undo()
@@ -346,8 +348,8 @@ def test_trainer_survives_fp16_overflows_and_resumes_under_another_dtype(amp_roo
     # the same run continued under bf16 (e.g. moved from a T4 to an A100 with amp: auto), then back to fp16
     more = load_config(SYNTHETIC / "gta5_bisenet.yaml", tiny(amp_root, "bf16", **{"train.iters": 3}))
     assert train.train(more, work_dir=tmp_path, resume=str(run_dir / "last.pt"), apply_changes=True) == run_dir
-    state = runtime.load_checkpoint(run_dir / "last.pt")
+    state = load_checkpoint(run_dir / "last.pt")
     assert state["scaler"] == {} and state["optimizer"]["state"]  # bf16 stepped, with no scaler
     again = load_config(SYNTHETIC / "gta5_bisenet.yaml", tiny(amp_root, "fp16", **{"train.iters": 4}))
     train.train(again, work_dir=tmp_path, resume=str(run_dir / "last.pt"), apply_changes=True)
-    assert runtime.load_checkpoint(run_dir / "last.pt")["scaler"]["scale"] >= 32768.0  # fresh, not 16384
+    assert load_checkpoint(run_dir / "last.pt")["scaler"]["scale"] >= 32768.0  # fresh, not 16384

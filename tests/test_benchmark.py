@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-import benchmark
-from config import from_dict, load_config, to_dict
-from datasets.synthetic import GENERATOR_VERSION
+from rtda import bench as benchmark
+from rtda.config import from_dict, load_config, to_dict
+from rtda.datasets.synthetic import GENERATOR_VERSION
 
 CLASSES = ["road", "sidewalk", "building"]
 
@@ -88,7 +88,7 @@ def test_measure_latency_alternates_eager_and_deploy_rounds():
 
 def test_forms_are_timed_in_the_same_rounds_with_their_parity_to_eager():
     pytest.importorskip("onnxruntime")
-    import models
+    from rtda import models
 
     torch.manual_seed(0)
     model = models.build_model({"name": "bisenet"}).eval()
@@ -127,7 +127,7 @@ def test_tensorrt_form_without_its_provider_is_skipped_with_the_reason(tmp_path)
     ort = pytest.importorskip("onnxruntime")
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has TensorRT")
-    import models
+    from rtda import models
 
     model = models.build_model({"name": "bisenet"}).eval()
     forms, skipped = benchmark.build_forms(model, None, ["eager", "tensorrt"], torch.rand(1, 3, 32, 64) * 255,
@@ -267,7 +267,7 @@ def test_rows_are_classified_from_the_config_not_the_folder(runs_dir):
 
 def test_every_method_is_named_in_the_adaptation_table_and_the_plot(runs_dir, tmp_path):
     # MinEnt, AdvEnt and MIC runs were once labelled "Source only": each strategy now names itself
-    from adapt import STRATEGIES
+    from rtda.adapt import STRATEGIES
     assert all("label" in vars(cls) for cls in STRATEGIES.values()), "every strategy names itself"
     expected = {"minent": "MinEnt (single-level, λ=0.001)", "advent": "AdvEnt (single-level, λ=0.001)",
                 "mic": "MIC", "dacs": "DACS"}
@@ -442,8 +442,8 @@ def test_a_backbone_file_replaced_under_the_same_name_is_not_reused(tmp_path):
 
 
 def test_pretrain_synthetic_writes_a_backbone_the_rows_load(tmp_path, capsys):
-    from datasets.synthetic import render_scene
-    from models import build_model
+    from rtda.datasets.synthetic import render_scene
+    from rtda.models import build_model
 
     image, _ = render_scene("randomised", 0, 0, 64, 128)
     assert not (image == render_scene("source", 0, 0, 64, 128)[0]).all()
@@ -484,20 +484,21 @@ def test_a_failed_run_is_reported_with_its_log_after_the_others_finish(tmp_path,
 
 def test_an_interrupted_run_is_resumed_from_its_own_last_checkpoint(tmp_path, synthetic_root, capsys):
     """A session that ended mid-benchmark: the next call carries on the run of that config and seed, no other."""
-    import runtime
-    import train
+    from rtda import engine as train
+    from rtda.utils.files import load_checkpoint
+
     from conftest import tiny_overrides
 
     work = tmp_path / "bench"
     config = benchmark.SYNTHETIC / "gta5_bisenet.yaml"
     stopped = {seed: train.train(load_config(config, tiny_overrides(synthetic_root, **{
         "seed": seed, "train.iters": 4, "train.max_wall_time": 1e-6})), work_dir=work) for seed in (0, 1)}
-    assert all(runtime.load_checkpoint(d / "last.pt")["iteration"] == 1 for d in stopped.values())
+    assert all(load_checkpoint(d / "last.pt")["iteration"] == 1 for d in stopped.values())
     assert benchmark._interrupted_run(work, "gta5_bisenet", 0) == stopped[0] / "last.pt"
     failed = benchmark._train_runs([("gta5_bisenet", 0, [])], tiny_overrides(synthetic_root, **{"train.iters": 4}),
                                    work, 1, 1, lambda: None)
     assert failed == [] and "resuming gta5_bisenet seed 0" in capsys.readouterr().err
-    assert runtime.load_checkpoint(stopped[0] / "last.pt")["iteration"] == 4 and (stopped[0] / "metrics.json").is_file()
+    assert load_checkpoint(stopped[0] / "last.pt")["iteration"] == 4 and (stopped[0] / "metrics.json").is_file()
     assert sorted(p.name for p in (work / "gta5_bisenet").iterdir()) == sorted(d.name for d in stopped.values())
     assert benchmark._interrupted_run(work, "gta5_bisenet", 0) is None
     assert benchmark._interrupted_run(work, "gta5_bisenet", 1) == stopped[1] / "last.pt"  # untouched

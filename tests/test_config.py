@@ -1,7 +1,7 @@
 """The config system: defaults, one-level _base_, overrides, strictness and the YAML round trip."""
 import pytest
 
-from config import Config, ConfigError, dump_config, from_dict, load_config
+from rtda.config import Config, ConfigError, dump_config, from_dict, load_config
 
 
 def write(path, text):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from adapt import STRATEGIES
-from config import load_config
+from rtda.adapt import STRATEGIES
+from rtda.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LEAVES = sorted(p for p in CONFIGS.rglob("*.yaml") if "_base_" not in p.parts)

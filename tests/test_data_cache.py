@@ -1,5 +1,5 @@
 """The prepared cache (datasets/cache.py): byte-identical items, never stale, never half-used, resumable, and
-nothing written outside its folder; `python -m datasets prepare`."""
+nothing written outside its folder; `python -m rtda.datasets prepare`."""
 from __future__ import annotations
 
 import hashlib
@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HEIGHT, WIDTH, save_png, write_cityscapes_form, write_gta5_form
 
-import datasets.__main__ as cli
-from config import AugmentConfig
-from datasets import CityscapesDataset, GTA5Dataset, cache
-from datasets.cache import PrepareInterrupted, prepare_dataset
-from datasets.transforms import Augment
+import rtda.datasets.__main__ as cli
+from rtda.config import AugmentConfig
+from rtda.datasets import CityscapesDataset, GTA5Dataset, cache
+from rtda.datasets.cache import PrepareInterrupted, prepare_dataset
+from rtda.datasets.transforms import Augment
+
+from conftest import HEIGHT, WIDTH, save_png, write_cityscapes_form, write_gta5_form
 
 # "the cache for these files is not prepared" is expected wherever a test builds a set before preparing it
 pytestmark = pytest.mark.filterwarnings("ignore:.*cache for these files and settings:UserWarning")
@@ -182,7 +183,7 @@ def test_prepare_errors_are_one_line(tmp_path, capsys):
 
 
 def test_without_pyspng_the_same_pixels_and_one_line_naming_the_install(tmp_path, monkeypatch, capsys):
-    import datasets.io as io
+    import rtda.datasets.io as io
 
     write_gta5_form(tmp_path / "GTA5", "gta5_trainids", count=2)
     with_spng = GTA5Dataset(tmp_path / "GTA5", SIZE)
@@ -200,7 +201,7 @@ def test_without_pyspng_the_same_pixels_and_one_line_naming_the_install(tmp_path
 def test_benchmark_data_mode_reports_both_forms(tmp_path, capsys):
     import json
 
-    import benchmark
+    from rtda import bench as benchmark
 
     write_gta5_form(tmp_path / "GTA5", "gta5_color", count=3)
     write_cityscapes_form(tmp_path / "cs", "cityscapes_official")

@@ -1,5 +1,5 @@
 """Data errors before the first step (issue 15, data side): the pre-flight header check, the full content scan
-`python -m datasets --check`, and a synthetic generator that never writes over data it did not write."""
+`python -m rtda.datasets --check`, and a synthetic generator that never writes over data it did not write."""
 from __future__ import annotations
 
 import hashlib
@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HEIGHT, WIDTH, save_png, write_cityscapes_form, write_gta5_form
 from PIL import Image
 
-import datasets.__main__ as cli
-from config import ConfigError, SyntheticConfig
-from datasets import CityscapesDataset, DatasetError, GTA5Dataset, check_dataset, synthetic
+import rtda.datasets.__main__ as cli
+from rtda.config import ConfigError, SyntheticConfig
+from rtda.datasets import CityscapesDataset, DatasetError, GTA5Dataset, check_dataset, synthetic
+
+from conftest import HEIGHT, WIDTH, save_png, write_cityscapes_form, write_gta5_form
 
 FULL = [WIDTH, HEIGHT]
 # every city of Cityscapes (fine and coarse), none of which a synthetic name may reuse

@@ -8,15 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (CITYSCAPES_FORMS, GTA5_FORMS, HEIGHT, WIDTH, expected_train_ids, label_id_colours, save_png,
-                      tiny_overrides, write_cityscapes_form, write_gta5_form)
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import datasets.__main__ as summary
-from config import ConfigError, load_config
-from datasets import CityscapesDataset, DatasetError, GTA5Dataset, build_dataset
-from datasets.labels import COLOUR_TO_TRAIN_ID, ID_TO_TRAIN_ID, colours_to_train_ids
+import rtda.datasets.__main__ as summary
+from rtda.config import ConfigError, load_config
+from rtda.datasets import CityscapesDataset, DatasetError, GTA5Dataset, build_dataset
+from rtda.datasets.labels import COLOUR_TO_TRAIN_ID, ID_TO_TRAIN_ID, colours_to_train_ids
+
+from conftest import (
+    CITYSCAPES_FORMS,
+    GTA5_FORMS,
+    HEIGHT,
+    WIDTH,
+    expected_train_ids,
+    label_id_colours,
+    save_png,
+    tiny_overrides,
+    write_cityscapes_form,
+    write_gta5_form,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = [WIDTH, HEIGHT]
@@ -209,8 +220,8 @@ def _config_for(form: str, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("form", ["cityscapes_official", "cityscapes_trainids", "cityscapes_course",
                                   "gta5_official", "gta5_color"])
 def test_each_form_trains_and_evaluates_through_the_clis(tmp_path, form, capsys):
-    import eval as evaluator
-    import train
+    from rtda import engine as train
+    from rtda import evaluation as evaluator
 
     overrides = _config_for(form, tmp_path)
     config = str(REPO / "configs/synthetic/gta5_bisenet.yaml")

@@ -4,15 +4,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import HEIGHT, WIDTH, save_png, write_cityscapes, write_gta5
 from torch.utils.data import DataLoader
 
-import datasets
-import datasets.__main__ as summary
-from config import AugmentConfig, ConfigError, from_dict
-from datasets import CityscapesDataset, DatasetError, GTA5Dataset, build_dataset
-from datasets.labels import ID_TO_TRAIN_ID, NUM_CLASSES
-from datasets.transforms import Augment
+import rtda.datasets.__main__ as summary
+from rtda import datasets
+from rtda.config import AugmentConfig, ConfigError, from_dict
+from rtda.datasets import CityscapesDataset, DatasetError, GTA5Dataset, build_dataset
+from rtda.datasets.labels import ID_TO_TRAIN_ID, NUM_CLASSES
+from rtda.datasets.transforms import Augment
+
+from conftest import HEIGHT, WIDTH, save_png, write_cityscapes, write_gta5
 
 FULL = [WIDTH, HEIGHT]  # config sizes are [width, height]
 HALF = [WIDTH // 2, HEIGHT // 2]
@@ -221,7 +222,7 @@ def test_build_dataset_synthetic_reads_the_real_layouts(tmp_path):
     assert set(datasets.DATASETS) == {"gta5", "cityscapes", "synthetic"}
 
 
-# ------------------------------------------------------------------------------------- python -m datasets
+# ------------------------------------------------------------------------------------- python -m rtda.datasets
 def test_summary_counts_and_frequencies(gta5_tree, cityscapes_tree, tmp_path, capsys):
     (gta5_root, gta5_written), (cs_root, cs_written) = gta5_tree, cityscapes_tree
     config = tmp_path / "summary.yaml"

@@ -10,10 +10,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-import eval as evaluator
-import runtime
-from config import load_config
-from datasets import build_dataset
+from rtda import evaluation as evaluator
+from rtda.config import load_config
+from rtda.datasets import build_dataset
+from rtda.utils.files import save_checkpoint
+
 from conftest import tiny_overrides
 from test_train import SOURCE_ONLY
 
@@ -79,11 +80,11 @@ def test_official_cityscapes_evaluation_agrees(synthetic_root, tmp_path):
 
 
 def test_cli_scores_and_saves_predictions_at_the_label_size(synthetic_root, tmp_path, capsys):
-    from models import build_model
+    from rtda.models import build_model
 
     cfg = load_config(SOURCE_ONLY, tiny_overrides(synthetic_root))
     checkpoint = tmp_path / "gta5_bisenet" / "run" / "best.pt"
-    runtime.save_checkpoint({"model": build_model(cfg.model).state_dict()}, checkpoint)
+    save_checkpoint({"model": build_model(cfg.model).state_dict()}, checkpoint)
     out = tmp_path / "color"
     argv = ["--config", str(SOURCE_ONLY), "--checkpoint", str(checkpoint), *tiny_overrides(synthetic_root),
             "eval.label_size=full", "data.val.size=[64,32]", "--save-predictions", str(out), "--format", "color"]

@@ -6,9 +6,8 @@ import sys
 import pytest
 import torch
 
-import runtime
-from models import build_model
-from models import export
+from rtda.models import build_model, export
+from rtda.utils.files import save_checkpoint
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -26,7 +25,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model({"name": "bisenet"})
     checkpoint = root / "best.pt"
-    runtime.save_checkpoint({"iteration": 7, "model": model.state_dict(), "config_name": "bisenet"}, checkpoint)
+    save_checkpoint({"iteration": 7, "model": model.state_dict(), "config_name": "bisenet"}, checkpoint)
     return config, checkpoint, model.eval()
 
 
@@ -96,7 +95,7 @@ def test_fixed_size_file_given_another_size_is_one_clear_line(fixed_onnx):
 def test_checkpoint_of_another_model_is_one_line(trained, tmp_path, capsys):
     config, _, _ = trained
     other = tmp_path / "deeplab_like.pt"
-    runtime.save_checkpoint({"model": build_model({"name": "bisenet", "num_classes": 7}).state_dict(),
+    save_checkpoint({"model": build_model({"name": "bisenet", "num_classes": 7}).state_dict(),
                              "config_name": "seven_classes"}, other)
     out = tmp_path / "model.onnx"
     assert export.main(["--config", str(config), "--checkpoint", str(other), "--out", str(out)]) == 1

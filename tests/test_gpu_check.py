@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import benchmark
-import runtime
-from config import load_config
+from rtda import bench as benchmark
+from rtda.config import load_config
+from rtda.utils.distributed import init_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -78,9 +78,9 @@ def tiny_tree(tmp_path_factory) -> dict:
 def test_every_protocol_config_reads_the_written_layouts(tiny_tree):
     """Each config's train.py overrides validate, its three data sets load an item from the written files
     (pseudo-labels for the SSL round included), and its strategy accepts the tiny sizes."""
-    from adapt import build_strategy
-    from datasets import build_dataset
-    from models import build_model
+    from rtda.adapt import build_strategy
+    from rtda.datasets import build_dataset
+    from rtda.models import build_model
 
     configs = benchmark.protocol_configs()
     assert {p.stem for p in configs} >= {"cityscapes_bisenet", "gta5_bisenet_fda_ssl", "gta5_deeplabv2_dacs"}
@@ -110,19 +110,19 @@ def test_init_distributed_shares_one_gpu_over_gloo(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("set_device", index))
-    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(runtime.dist, "init_process_group", lambda **kw: calls.setdefault("group", kw))
-    monkeypatch.setattr(runtime.dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(runtime.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.setdefault("group", kw))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     for key, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
-    d = runtime.init_distributed()
+    d = init_distributed()
     assert calls["set_device"] == 0 and d.device == torch.device("cuda", 0) and d.local_rank == 1
     assert calls["group"] == {"backend": "gloo", "device_id": None}  # NCCL refuses two ranks on one GPU
 
     calls.clear()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # one GPU each: NCCL, as before
-    d = runtime.init_distributed()
+    d = init_distributed()
     assert calls["set_device"] == 1 and d.device == torch.device("cuda", 1)
     assert calls["group"] == {"backend": "nccl", "device_id": torch.device("cuda", 1)}
 

@@ -4,9 +4,19 @@ import pytest
 import torch
 from cityscapesscripts.helpers.labels import labels as official_labels
 
-from datasets import DatasetError
-from datasets.labels import (CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, PALETTE, TRAIN_ID_TO_ID,
-                             check_train_ids, colorize, label_ids_to_train_ids, train_ids_to_label_ids)
+from rtda.datasets import DatasetError
+from rtda.datasets.labels import (
+    CLASS_NAMES,
+    ID_TO_TRAIN_ID,
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    PALETTE,
+    TRAIN_ID_TO_ID,
+    check_train_ids,
+    colorize,
+    label_ids_to_train_ids,
+    train_ids_to_label_ids,
+)
 
 
 def test_tables_match_cityscapesscripts():

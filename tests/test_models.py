@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from torchvision.models import resnet18, resnet101
 
-from config import ConfigError
-from models import SegOutput, build_model, deploy
-from models.base import CAFFE_BGR_MEAN, InputNorm
-from models.discriminator import build_discriminator
+from rtda.config import ConfigError
+from rtda.models import SegOutput, build_model, deploy
+from rtda.models.base import CAFFE_BGR_MEAN, InputNorm
+from rtda.models.discriminator import build_discriminator
 
 BN = nn.modules.batchnorm._BatchNorm
 ODD_SIZE = (33, 47)  # not a multiple of 8 or 32

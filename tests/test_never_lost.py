@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime
-import train
-from config import load_config
+from rtda import engine as train
+from rtda.config import load_config
+from rtda.datasets.samplers import EpochSampler
+from rtda.utils.files import load_checkpoint
+
 from conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +57,7 @@ def unfinished_run(data_root: Path, work: Path, config: Path = SOURCE_ONLY, **ex
     run_dir = train.train(load_config(config, tiny_overrides(data_root, **{"train.iters": 4,
                                                                            "train.max_wall_time": 1e-6, **extra})),
                           work_dir=work)
-    assert runtime.load_checkpoint(run_dir / "last.pt")["iteration"] == 1
+    assert load_checkpoint(run_dir / "last.pt")["iteration"] == 1
     assert not (run_dir / "metrics.json").exists()
     return run_dir
 
@@ -115,7 +117,7 @@ def test_apply_changes_recomputes_the_schedule_and_logs_the_change(data_root, tm
     assert log[0]["iteration"] == 1 and log[0]["changes"]["train.lr"] == [0.002, 0.5]
     assert log[0]["changes"]["train.iters"] == [4, 6]
     assert load_config(run_dir / "config.yaml").train.lr == 0.5
-    state = runtime.load_checkpoint(run_dir / "last.pt")
+    state = load_checkpoint(run_dir / "last.pt")
     backbone = state["optimizer"]["param_groups"][0]
     assert backbone["initial_lr"] == 0.5 and state["iteration"] == 2
     assert backbone["lr"] == pytest.approx(0.5 * (1 - 2 / 6) ** 0.9)  # the new base and horizon at iteration 2
@@ -210,14 +212,14 @@ def test_duplicate_yaml_key_names_both_lines(tmp_path):
 # ----------------------------------------------------------------------------------- stops that save
 def test_data_error_mid_run_saves_last_and_is_one_line(data_root, tmp_path):
     """A label broken after the pre-flight check, read by a DataLoader worker at iteration >= 1."""
-    from datasets import build_dataset
+    from rtda.datasets import build_dataset
 
     data = tmp_path / "data"
     subprocess.run(["cp", "-r", str(data_root), str(data)], check=True)
     overrides = tiny_overrides(data, **{"train.iters": 6, "train.workers": 1, "train.checkpoint_interval": 1000})
     cfg = load_config(SOURCE_ONLY, overrides)
     source = build_dataset(cfg.data.source, cfg, "source")
-    order = list(runtime.EpochSampler(len(source), cfg.seed))
+    order = list(EpochSampler(len(source), cfg.seed))
     broken = source.labels[order[2]]  # in the second batch of the first epoch
     raw = bytearray(broken.read_bytes())  # headers and end chunk intact (the pre-flight check passes), pixels not
     start = raw.index(b"IDAT") + 6
@@ -230,10 +232,10 @@ def test_data_error_mid_run_saves_last_and_is_one_line(data_root, tmp_path):
     assert proc.returncode == 1
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1 and str(broken) in errors[0] and "at iteration 1" in errors[0], proc.stderr
-    assert "python -m datasets --config" in proc.stderr and "--check" in proc.stderr
+    assert "python -m rtda.datasets --config" in proc.stderr and "--check" in proc.stderr
     assert "Traceback" not in proc.stderr
     (last,) = work.glob("gta5_bisenet/*/last.pt")
-    assert runtime.load_checkpoint(last)["iteration"] == 1
+    assert load_checkpoint(last)["iteration"] == 1
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -250,7 +252,7 @@ def test_a_signal_saves_and_exits_with_its_code(sig, code, data_root, tmp_path):
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == code
     (last,) = work.glob("gta5_bisenet/*/last.pt")
-    assert 1 <= runtime.load_checkpoint(last)["iteration"] < 200
+    assert 1 <= load_checkpoint(last)["iteration"] < 200
 
 
 KILL_DURING_SAVE = """
@@ -265,7 +267,7 @@ def save(obj, handle, *args, **kwargs):
         time.sleep(300)
     return real_save(obj, handle, *args, **kwargs)
 torch.save = save
-import train
+from rtda import engine as train
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -284,11 +286,11 @@ def test_sigkill_during_a_save_then_resume_is_bit_exact(data_root, tmp_path):
     proc.wait()
     (run_dir,) = work.glob("gta5_bisenet/*")
     assert list(run_dir.glob(".last.pt.*.tmp")), "the kill did not land inside the save"
-    assert runtime.load_checkpoint(run_dir / "last.pt")["iteration"] == 2  # the previous file is intact
+    assert load_checkpoint(run_dir / "last.pt")["iteration"] == 2  # the previous file is intact
 
     resumed = train.train(load_config(SOURCE_ONLY, overrides), work_dir=work, resume="auto")
     assert resumed == run_dir and not list(run_dir.glob(".last.pt.*.tmp"))  # the stale temporary is gone
-    expected, got = (runtime.load_checkpoint(r / "last.pt")["model"] for r in (reference, resumed))
+    expected, got = (load_checkpoint(r / "last.pt")["model"] for r in (reference, resumed))
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
 
@@ -319,13 +321,13 @@ def test_a_truncated_label_is_found_before_the_first_step(data_root, tmp_path, c
     work = tmp_path / "runs"
     code, err, _ = run_cli(capsys, SOURCE_ONLY, *tiny_overrides(data), "--work-dir", str(work))
     assert code == 1 and err[0].startswith("error: ") and str(broken) in err[0] and "truncated" in err[0]
-    assert "python -m datasets --config" in err[1] and "--check" in err[1]
+    assert "python -m rtda.datasets --config" in err[1] and "--check" in err[1]
     assert not work.exists() or not any(work.rglob("*"))
 
 
 @pytest.mark.parametrize("flag", ["--save-predictions", "--out"])
 def test_eval_output_that_is_a_file_is_refused(flag, tmp_path, capsys):
-    import eval as evaluator
+    from rtda import evaluation as evaluator
 
     blocker = tmp_path / "notes.txt"
     blocker.write_text("keep me")

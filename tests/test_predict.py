@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-import eval as evaluator
-import runtime
-from models import build_model
+from rtda import evaluation as evaluator
+from rtda.models import build_model
+from rtda.utils.files import save_checkpoint
 
 HEIGHT, WIDTH = 64, 128
 
@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
                       f"data: {{val: {{name: cityscapes, size: [{WIDTH}, {HEIGHT}]}}}}\n")
     torch.manual_seed(0)
     checkpoint = root / "best.pt"
-    runtime.save_checkpoint({"model": build_model({"name": "bisenet"}).state_dict()}, checkpoint)
+    save_checkpoint({"model": build_model({"name": "bisenet"}).state_dict()}, checkpoint)
     rng = np.random.default_rng(0)
     images = root / "images"
     (images / "city").mkdir(parents=True)
@@ -57,7 +57,7 @@ def test_colour_map_holds_cityscapes_colours(setup, tmp_path):
     out = tmp_path / "out"
     assert evaluator.main(["--config", str(config), "--checkpoint", str(checkpoint), "--images", str(images),
                            "--out", str(out), "--no-progress"]) == 0
-    from datasets.labels import PALETTE
+    from rtda.datasets.labels import PALETTE
 
     colours = np.asarray(Image.open(out / "a_color.png")).reshape(-1, 3)
     palette = {tuple(c) for c in PALETTE.tolist()}
@@ -66,7 +66,7 @@ def test_colour_map_holds_cityscapes_colours(setup, tmp_path):
 
 def test_onnx_model_predicts_the_same_as_pytorch(setup, tmp_path):
     pytest.importorskip("onnxruntime")
-    from models import export
+    from rtda.models import export
 
     config, checkpoint, images = setup
     onnx_file = tmp_path / "model.onnx"
@@ -84,7 +84,7 @@ def test_onnx_model_predicts_the_same_as_pytorch(setup, tmp_path):
 
 def test_fixed_size_onnx_on_images_of_another_size_is_one_line(setup, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from models import export
+    from rtda.models import export
 
     config, checkpoint, images = setup
     onnx_file = tmp_path / "model.onnx"

@@ -16,13 +16,14 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-import adapt
-import runtime
-from config import ConfigError, from_dict, load_config
+from rtda import adapt
+from rtda.config import ConfigError, from_dict, load_config
+from rtda.engine import StepContext, poly_schedule
+from rtda.models.base import SegOutput
+from rtda.models.resnet import DEEPLAB_INIT_FILES, load_backbone_weights
+from rtda.utils.files import load_checkpoint
+
 from conftest import tiny_overrides
-from models.base import SegOutput
-from models.resnet import DEEPLAB_INIT_FILES, load_backbone_weights
-from train import StepContext, poly_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -94,12 +95,12 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 def test_trainer_uses_the_horizon(synthetic_root, tmp_path):
     """Two iterations of a tiny run with horizon 8: the model's LR after them is base * (1 - 2/8) ** 0.9."""
-    from train import train
+    from rtda.engine import train
 
     cfg = load_config(CONFIGS / "synthetic" / "gta5_bisenet.yaml", tiny_overrides(
         synthetic_root, **{"train.iters": 2, "train.poly_horizon": 8, "train.vis_images": 0,
                            "data.synthetic.num_source": 4, "data.synthetic.num_val": 2}))
-    last = runtime.load_checkpoint(train(cfg, work_dir=tmp_path) / "last.pt")
+    last = load_checkpoint(train(cfg, work_dir=tmp_path) / "last.pt")
     for group in last["optimizer"]["param_groups"]:
         base = cfg.train.lr * (cfg.train.head_lr_mult if group["name"] == "head" else 1.0)
         assert group["lr"] == pytest.approx(base * 0.75 ** 0.9)
@@ -211,7 +212,7 @@ def test_missing_caffe_file_is_one_line_naming_its_source_and_its_place(name, tm
 
 
 def test_missing_caffe_file_through_build_model(tmp_path, monkeypatch):
-    from models import build_model
+    from rtda.models import build_model
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(CONFIGS / "gta5_deeplabv2_adv_paper.yaml")
@@ -227,12 +228,13 @@ def test_other_missing_files_keep_the_generic_error(tmp_path):
 # ------------------------------------------------------------------------- pseudo-labels in float32
 def test_pseudo_labels_are_predicted_in_float32_under_an_amp_config(cityscapes_root, tmp_path, monkeypatch):
     """Pretend the machine would autocast (train.amp: bf16 on CUDA): the pseudo-label path must not."""
-    import eval as evaluator
+    from rtda import evaluation as evaluator
+    from rtda.utils import amp as amp_module
 
     torch.manual_seed(0)
     model = TinySeg(scale=40.0).eval()  # large logits: bf16 rounding would move the confidences
     monkeypatch.setattr(evaluator, "load_models", lambda cfg, checkpoints, device: [model])
-    monkeypatch.setattr(runtime, "autocast_dtype", lambda amp, device: None if amp == "none" else torch.bfloat16)
+    monkeypatch.setattr(amp_module, "autocast_dtype", lambda amp, device: None if amp == "none" else torch.bfloat16)
     seen = []
     real_predict = evaluator.predict_probs
 
@@ -311,8 +313,8 @@ def test_dacs_strategy_passes_mix_ignore_as_class(monkeypatch):
 
 # ---------------------------------------------------------------------------------- bicubic resizes
 def test_interpolation_key_selects_the_image_resize(gta5_root):
-    from datasets import build_dataset
-    from datasets.io import read_image
+    from rtda.datasets import build_dataset
+    from rtda.datasets.io import read_image
 
     def first_image(interpolation: str) -> torch.Tensor:
         cfg = from_dict({"data": {"source": {"name": "gta5", "root": str(gta5_root), "size": [64, 32],

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-import eval as evaluator
-import runtime
-from config import dump_config, load_config
+from rtda import evaluation as evaluator
+from rtda.config import dump_config, load_config
+from rtda.models import build_model
+from rtda.utils.files import save_checkpoint
+
 from conftest import tiny_overrides
-from models import build_model
 from test_train import SOURCE_ONLY
 
 
@@ -21,11 +22,11 @@ def write_run(root, cfg, iterations: list[int], last: int | None):
     dump_config(cfg, run / "config.yaml")
     for it in iterations:
         torch.manual_seed(it)  # different weights per snapshot
-        runtime.save_checkpoint({"iteration": it, "model": build_model(cfg.model).state_dict(),
+        save_checkpoint({"iteration": it, "model": build_model(cfg.model).state_dict(),
                                  "config_name": cfg.name}, run / "snapshots" / f"iter_{it:07d}.pt")
     if last is not None:
         torch.manual_seed(last)
-        runtime.save_checkpoint({"iteration": last, "model": build_model(cfg.model).state_dict(), "optimizer": {},
+        save_checkpoint({"iteration": last, "model": build_model(cfg.model).state_dict(), "optimizer": {},
                                  "config_name": cfg.name}, run / "last.pt")
     return run
 
@@ -54,7 +55,7 @@ def test_every_snapshot_is_scored_in_iteration_order(synthetic_root, tmp_path, c
 def test_last_at_a_snapshot_iteration_is_scored_once_and_broken_files_are_skipped(synthetic_root, tmp_path, capsys):
     cfg = load_config(SOURCE_ONLY, tiny_overrides(synthetic_root))
     run = write_run(tmp_path, cfg, [2, 4], last=None)
-    runtime.save_checkpoint({"iteration": 4, "model": build_model(cfg.model).state_dict()}, run / "last.pt")
+    save_checkpoint({"iteration": 4, "model": build_model(cfg.model).state_dict()}, run / "last.pt")
     (run / "snapshots" / "iter_0000003.pt").write_bytes(b"not a checkpoint")
     assert evaluator.main(["--run-dir", str(run), "--config", str(SOURCE_ONLY), *tiny_overrides(synthetic_root)]) == 0
     captured = capsys.readouterr()

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from rtda import adapt
+from rtda.config import ConfigError, from_dict, load_config
+from rtda.datasets import build_dataset, rare_class
+from rtda.datasets.io import read_label_png
+from rtda.datasets.labels import ID_TO_TRAIN_ID
+
 from conftest import save_palettised, save_png, straight_and_resumed, tiny_overrides
 from test_adapt import C, FakeContext, TinyNet, batches, make_cfg
-
-import adapt
-from config import ConfigError, from_dict, load_config
-from datasets import build_dataset
-from datasets import rare_class
-from datasets.io import read_label_png
-from datasets.labels import ID_TO_TRAIN_ID
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "configs" / "synthetic"
@@ -180,7 +180,7 @@ def test_feature_distance_is_the_mean_l2_over_masked_cells():
 @pytest.fixture(scope="module")
 def resnet18_file(tmp_path_factory) -> Path:
     """A stand-in for ImageNet weights: a random ResNet-18 backbone in torchvision's key names."""
-    from models.resnet import build_resnet
+    from rtda.models.resnet import build_resnet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
@@ -195,7 +195,7 @@ def bisenet_dacs_cfg(pretrained, fd_lambda, name="dacs"):
 
 
 def test_feature_distance_reaches_only_the_student_backbone(resnet18_file):
-    from models import build_model
+    from rtda.models import build_model
 
     source = {"image": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8,
                                      generator=torch.Generator().manual_seed(1)),
@@ -251,7 +251,7 @@ def test_block_mask_patch_grid_and_ratio():
 
 
 def test_zero_pixel_is_what_the_input_norm_maps_to_zero():
-    from models.base import InputNorm
+    from rtda.models.base import InputNorm
 
     for mode in ("imagenet", "caffe"):
         model = torch.nn.Module()
@@ -455,7 +455,7 @@ def test_resumed_run_equals_an_uninterrupted_one(name, tiny_root, tmp_path, monk
 @pytest.mark.parametrize("name", NEW_PROTOCOL)
 def test_protocol_config_trains_on_the_synthetic_domains(name, tiny_root, tmp_path, resnet18_file):
     """Each new protocol config, its recipe unchanged but for the data (synthetic, tiny) and the weights."""
-    from train import train
+    from rtda.engine import train
 
     deeplab = "deeplabv2" in name
     size = "[64,32]" if deeplab else "[128,64]"

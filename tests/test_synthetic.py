@@ -10,9 +10,9 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from cityscapesscripts.helpers.labels import name2label
 from PIL import Image
 
-from config import ConfigError, SyntheticConfig
-from datasets import synthetic
-from datasets.synthetic import ensure_generated, generate, render_scene
+from rtda.config import ConfigError, SyntheticConfig
+from rtda.datasets import synthetic
+from rtda.datasets.synthetic import ensure_generated, generate, render_scene
 
 TINY = SyntheticConfig(num_source=3, num_target=4, num_val=3, height=64, width=128, seed=3)
 VALID_IDS = {label.id for label in CITYSCAPES_LABELS if label.id >= 0}

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime
-from config import load_config
+from rtda.config import load_config
+from rtda.datasets.samplers import EpochSampler
+from rtda.engine import TrainingDiverged, train
+from rtda.utils.files import CheckpointError, load_checkpoint, save_checkpoint
+from rtda.utils.seed import rng_state, seed_everything, set_rng_state
+
 from conftest import tiny_overrides
-from train import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_ONLY = REPO / "configs" / "synthetic" / "gta5_bisenet.yaml"
@@ -26,7 +29,7 @@ ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def final_weights(run_dir: Path) -> dict:
-    return runtime.load_checkpoint(run_dir / "last.pt")["model"]
+    return load_checkpoint(run_dir / "last.pt")["model"]
 
 
 def test_bisenet_run_folder_and_metrics(synthetic_root, tmp_path):
@@ -43,7 +46,7 @@ def test_bisenet_run_folder_and_metrics(synthetic_root, tmp_path):
     assert set(metrics["final"]["IoU"]) == set(metrics["classes"])
     assert 0 <= metrics["final"]["mIoU"] <= 100
     assert metrics["best"]["iteration"] in (2, 4) and metrics["best"]["mIoU"] >= metrics["final"]["mIoU"]
-    best, last = (runtime.load_checkpoint(run_dir / n) for n in ("best.pt", "last.pt"))
+    best, last = (load_checkpoint(run_dir / n) for n in ("best.pt", "last.pt"))
     assert last["iteration"] == 4 and best["iteration"] == metrics["best"]["iteration"]
     assert set(last) >= {"model", "optimizer", "scheduler", "scaler", "strategy", "rng", "best"}
     # the poly schedule reached its last step: lr = base * (1 - 3/4) ** 0.9 during the last iteration
@@ -58,7 +61,7 @@ def test_deeplabv2_one_iteration(synthetic_root, tmp_path):
     run_dir = train(cfg, work_dir=tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == "deeplabv2" and metrics["iterations"] == 1
-    optimizer = runtime.load_checkpoint(run_dir / "last.pt")["optimizer"]
+    optimizer = load_checkpoint(run_dir / "last.pt")["optimizer"]
     lrs = [group["initial_lr"] for group in optimizer["param_groups"]]
     assert lrs == pytest.approx([2.5e-4, 2.5e-3])  # the head learns 10x faster
 
@@ -77,7 +80,7 @@ def test_sigkill_and_resume_gives_the_same_weights(synthetic_root, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (checkpoint,) = work_dir.glob("gta5_bisenet/*/last.pt")
-    assert runtime.load_checkpoint(checkpoint)["iteration"] < 8, "the run finished before it could be killed"
+    assert load_checkpoint(checkpoint)["iteration"] < 8, "the run finished before it could be killed"
 
     resumed = train(load_config(SOURCE_ONLY, overrides), work_dir=work_dir, resume="auto")
     assert resumed == checkpoint.parent
@@ -88,7 +91,7 @@ def test_sigkill_and_resume_gives_the_same_weights(synthetic_root, tmp_path):
 
 
 def test_ctrl_c_saves_last_and_stops_cleanly(synthetic_root, tmp_path, monkeypatch, capsys):
-    import adapt
+    from rtda import adapt
 
     original = adapt.SourceOnly.training_step
 
@@ -103,7 +106,7 @@ def test_ctrl_c_saves_last_and_stops_cleanly(synthetic_root, tmp_path, monkeypat
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the tests run in the background (nohup ... &)
     run_dir = train(cfg, work_dir=tmp_path)
     assert "stopped at iteration 3" in capsys.readouterr().out
-    assert runtime.load_checkpoint(run_dir / "last.pt")["iteration"] == 3
+    assert load_checkpoint(run_dir / "last.pt")["iteration"] == 3
     assert not (run_dir / "metrics.json").exists()  # an unfinished run has no final metrics
     assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
 
@@ -114,7 +117,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_p
     with pytest.raises(TrainingDiverged, match="NaN/inf by iteration"):
         train(cfg, work_dir=tmp_path)
     (checkpoint,) = tmp_path.glob("gta5_bisenet/*/last.pt")
-    state = runtime.load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
     assert state["iteration"] < 20
     assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
     assert not list(checkpoint.parent.glob("metrics.json"))
@@ -124,34 +127,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_p
                                      RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")])
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
     path = tmp_path / "last.pt"
-    runtime.save_checkpoint({"iteration": 1, "w": torch.ones(3)}, path)
+    save_checkpoint({"iteration": 1, "w": torch.ones(3)}, path)
 
     def disk_full(obj, f, *args, **kwargs):
         f.write(b"partial")
         raise failure  # torch's zip writer says "unexpected pos" when the disk fills under it
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(runtime.CheckpointError, match=rf"{re.escape(str(path))}: could not write the checkpoint "
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: could not write the checkpoint "
                                                       r"\(.+\); \d+ MiB free in .+; the previous last\.pt is "
                                                       r"untouched") as caught:
-        runtime.save_checkpoint({"iteration": 2, "w": torch.zeros(3)}, path)
+        save_checkpoint({"iteration": 2, "w": torch.zeros(3)}, path)
     assert caught.value.__cause__ is failure
-    with pytest.raises(runtime.CheckpointError, match="no earlier one was written"):
-        runtime.save_checkpoint({"iteration": 2}, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match="no earlier one was written"):
+        save_checkpoint({"iteration": 2}, tmp_path / "best.pt")
     monkeypatch.undo()
-    assert runtime.load_checkpoint(path)["iteration"] == 1
+    assert load_checkpoint(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
 def test_epoch_sampler_shards_and_skips():
-    full = list(runtime.EpochSampler(10, seed=3))
+    full = list(EpochSampler(10, seed=3))
     assert sorted(full) == list(range(10))
-    sampler = runtime.EpochSampler(10, seed=3)
+    sampler = EpochSampler(10, seed=3)
     sampler.set_epoch(1)
     assert list(sampler) != full  # a new order each epoch
     sampler.set_epoch(0, skip=4)
     assert list(sampler) == full[4:]
-    shards = [list(runtime.EpochSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    shards = [list(EpochSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
     assert all(len(s) == 3 for s in shards) and len(set(sum(shards, []))) == 9
 
 
@@ -160,11 +163,11 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    runtime.seed_everything(5)
-    runtime.save_checkpoint({"rng": runtime.rng_state()}, tmp_path / "rng.pt")
+    seed_everything(5)
+    save_checkpoint({"rng": rng_state()}, tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1))
-    runtime.seed_everything(6)
-    runtime.set_rng_state(runtime.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    seed_everything(6)
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 
@@ -178,5 +181,5 @@ def test_two_processes_with_gloo(synthetic_root, tmp_path):
     (run_dir,) = tmp_path.glob("gta5_bisenet/*")  # rank 0 alone made a run folder
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["iterations"] == 2
-    state = runtime.load_checkpoint(run_dir / "last.pt")
+    state = load_checkpoint(run_dir / "last.pt")
     assert len(state["rng"]) == 2  # both ranks' RNG states

@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import benchmark
-import runtime
-import train
-from config import load_config
+from rtda import bench as benchmark
+from rtda import engine as train
+from rtda.config import load_config
+from rtda.models import build_model
+from rtda.utils.distributed import Distributed
+from rtda.utils.files import load_checkpoint
+from rtda.utils.seed import seed_everything
+
 from conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +53,8 @@ def test_divergence_guard_names_the_iteration_and_the_checkpoint(tmp_path):
 
 def test_parts_round_trip_through_the_checkpointer(tmp_path):
     cfg = load_config(SOURCE_ONLY, tiny_overrides(tmp_path))
-    dist = runtime.Distributed()
-    runtime.seed_everything(0)
+    dist = Distributed()
+    seed_everything(0)
     parts = train.build_parts(cfg, dist, max_iters=10)
     parts.optimizer.step()
     parts.scheduler.step()  # state that differs from a fresh build
@@ -59,23 +63,23 @@ def test_parts_round_trip_through_the_checkpointer(tmp_path):
     checkpointer.save_last(progress)
     checkpointer.save_weights(checkpointer.best, progress)
 
-    runtime.seed_everything(1)
+    seed_everything(1)
     fresh = train.build_parts(cfg, dist, max_iters=10)
-    state = runtime.load_checkpoint(checkpointer.last)
+    state = load_checkpoint(checkpointer.last)
     fresh.load_state_dict(state)
     assert state["iteration"] == 5 and state["best"]["mIoU"] == 12.5 and state["config_name"] == cfg.name
     for name, value in parts.model.state_dict().items():
         assert torch.equal(value, fresh.model.state_dict()[name]), name
     assert fresh.scheduler.last_epoch == 1
-    best = runtime.load_checkpoint(checkpointer.best)
+    best = load_checkpoint(checkpointer.best)
     assert set(best) == {"iteration", "model", "best", "config_name"}  # weights only
 
 
 def test_stop_request_without_ddp_is_the_flag_itself():
     stop = train.StopRequest()
-    assert not stop.agreed(False, runtime.Distributed())
+    assert not stop.agreed(False, Distributed())
     stop.requested = True
-    assert stop.agreed(False, runtime.Distributed())
+    assert stop.agreed(False, Distributed())
 
 
 def test_step_cost_runs_from_benchmark_py(capsys):
@@ -91,8 +95,8 @@ def _parts_and_batches(config: Path, accumulate: int, tmp_path: Path):
     # lr * sign(g), which turns float noise in near-zero gradients into whole steps)
     cfg = load_config(config, tiny_overrides(tmp_path, **{"train.batch_size": 4, "train.accumulate": accumulate,
                                                           "train.optimizer": "sgd", "train.lr": 0.01}))
-    runtime.seed_everything(0)
-    parts = train.build_parts(cfg, runtime.Distributed(), max_iters=10)
+    seed_everything(0)
+    parts = train.build_parts(cfg, Distributed(), max_iters=10)
     for module in parts.model.modules():  # per-sample BN (running statistics): micro-batches then add up exactly
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
@@ -127,7 +131,7 @@ def test_gradient_accumulation_equals_one_big_batch(config, tmp_path):
 
 
 def test_snapshots_every_keep_every_iterations(tmp_path):
-    from datasets import build_dataset
+    from rtda.datasets import build_dataset
 
     root = tmp_path / "data"
     cfg = load_config(SOURCE_ONLY, tiny_overrides(root, **{"train.keep_every": 2}))
@@ -135,20 +139,20 @@ def test_snapshots_every_keep_every_iterations(tmp_path):
     run_dir = train.train(cfg, work_dir=tmp_path / "runs")
     snapshots = sorted(p.name for p in (run_dir / "snapshots").iterdir())
     assert snapshots == ["iter_0000002.pt", "iter_0000004.pt"]
-    state = runtime.load_checkpoint(run_dir / "snapshots" / "iter_0000002.pt")
+    state = load_checkpoint(run_dir / "snapshots" / "iter_0000002.pt")
     assert set(state) == {"iteration", "model", "best", "config_name"} and state["iteration"] == 2
 
 
 def test_adamw_for_the_daformer_recipes():
     cfg = load_config(REPO / "configs" / "gta5_bisenet_daformer_dacs.yaml", ["model.pretrained=none"])
-    optimizer = train.build_optimizer(__import__("models").build_model(cfg.model), cfg)
+    optimizer = train.build_optimizer(build_model(cfg.model), cfg)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([6e-5, 6e-4])  # the head at 10x
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.01}
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
-    from config import from_dict
+    from rtda.config import from_dict
 
     monkeypatch.setattr(train.time, "strftime", lambda fmt: "20261202-010203")
     cfg = from_dict({"name": "gta5_bisenet"})

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from config import AugmentConfig, ConfigError
-from datasets.transforms import Augment, augment_sample, build_augment, resize_label
+from rtda.config import AugmentConfig, ConfigError
+from rtda.datasets.transforms import Augment, augment_sample, build_augment, resize_label
 
 H, W = 64, 128
 

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import eval as evaluator
-import runtime
-from config import ConfigError, from_dict, load_config
+from rtda import evaluation as evaluator
+from rtda.config import ConfigError, from_dict, load_config
+from rtda.evaluation import Inference, predict_probs, sliding_logits, window_starts
+from rtda.utils.files import save_checkpoint
+
 from conftest import tiny_overrides
-from eval import Inference, predict_probs, sliding_logits, window_starts
 from test_train import SOURCE_ONLY
 
 
@@ -137,11 +138,11 @@ def test_confusion_plot_is_a_png_and_survives_empty_rows(tmp_path):
 
 
 def test_cli_with_tta_window_and_out_writes_table_and_confusion_plot(synthetic_root, tmp_path, capsys):
-    from models import build_model
+    from rtda.models import build_model
 
     cfg = load_config(SOURCE_ONLY, tiny_overrides(synthetic_root))
     checkpoint = tmp_path / "run" / "best.pt"
-    runtime.save_checkpoint({"model": build_model(cfg.model).state_dict()}, checkpoint)
+    save_checkpoint({"model": build_model(cfg.model).state_dict()}, checkpoint)
     out = tmp_path / "scores"
     argv = ["--config", str(SOURCE_ONLY), "--checkpoint", str(checkpoint), *tiny_overrides(synthetic_root),
             "eval.tta.flip=true", "eval.tta.scales=[0.75,1.0]", "eval.window=[64,64]", "--out", str(out)]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from config import ConfigError
+from rtda.config import ConfigError
 
 # name -> (torchvision builder, its ImageNet weights, channels of layer3 (16x) and layer4 (32x) features)
 RESNETS = {

@@ -16,13 +16,11 @@ import math
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from config import AugmentConfig, ConfigError
-from datasets.labels import IGNORE_INDEX
-
+from rtda.config import AUGMENTATIONS, AugmentConfig, ConfigError
+from rtda.datasets.labels import IGNORE_INDEX
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -119,7 +117,7 @@ def build_augment(cfg: AugmentConfig) -> Augment | None:
     return Augment(cfg)
 
 
-_PROBABILITIES = ("hflip", "scale_crop", "color_jitter", "blur", "brightness", "noise", "grayscale")
+_PROBABILITIES = AUGMENTATIONS
 
 
 def _uniform(bounds) -> float:

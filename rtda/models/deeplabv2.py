@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from config import ConfigError
-
-from models.base import SegmentationModel, freeze_bn_affine
-from models.resnet import build_resnet, resnet_features
+from rtda.config import ConfigError
+from rtda.models.base import SegmentationModel, freeze_bn_affine
+from rtda.models.resnet import build_resnet, resnet_features
 
 
 class ASPPClassifier(nn.Module):

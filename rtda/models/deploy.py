@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-import runtime
-from config import ConfigError
-from models.base import SegmentationModel, upsample
+from rtda.config import ConfigError
+from rtda.models.base import SegmentationModel, upsample
+from rtda.utils.files import load_checkpoint, model_state_from_checkpoint
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -119,8 +119,8 @@ def load_trained_weights(model: SegmentationModel, path: str | Path, model_cfg=N
     Returns the checkpoint dict. Weights that do not fit raise one `ConfigError` line naming the file, the
     model the config builds and the model the checkpoint holds (and the config it was saved by, if recorded).
     """
-    checkpoint = runtime.load_checkpoint(path)
-    state = runtime.model_state_from_checkpoint(checkpoint)
+    checkpoint = load_checkpoint(path)
+    state = model_state_from_checkpoint(checkpoint)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: not a model checkpoint (expected a state dict or a dict with `model`)")
     try:

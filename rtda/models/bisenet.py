@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import SegmentationModel, freeze_bn_affine, upsample
-from models.resnet import RESNETS, build_resnet, resnet_features
+from rtda.models.base import SegmentationModel, freeze_bn_affine, upsample
+from rtda.models.resnet import RESNETS, build_resnet, resnet_features
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:

@@ -17,7 +17,7 @@ import torch
 from cityscapesscripts.helpers.labels import labels as _OFFICIAL_LABELS
 from cityscapesscripts.helpers.labels import trainId2label as _TRAIN_ID_TO_LABEL
 
-from datasets.io import DatasetError
+from rtda.datasets.io import DatasetError
 
 NUM_CLASSES = 19
 IGNORE_INDEX = 255

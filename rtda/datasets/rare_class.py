@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from config import Config, ConfigError
-from datasets.io import DatasetError
-from datasets.labels import NUM_CLASSES
-from datasets.transforms import augment_sample
+from rtda.config import Config, ConfigError
+from rtda.datasets.io import DatasetError
+from rtda.datasets.labels import NUM_CLASSES
+from rtda.datasets.transforms import augment_sample
 
 STATS_AREA = 1914 * 1052  # a GTA5 frame: where DAFormer counts `min_pixels`
 SAMPLE_AREA = 1280 * 720  # GTA5 resized for training: where DAFormer counts the crop threshold

@@ -63,6 +63,10 @@ class AugmentConfig:
     grayscale: float = 0.0
 
 
+# The augmentation probabilities of `data.augment` (its other keys are their parameters), in declaration order.
+AUGMENTATIONS = ("hflip", "scale_crop", "color_jitter", "blur", "brightness", "noise", "grayscale")
+
+
 @dataclass
 class SyntheticConfig:
     """How `datasets.synthetic` generates the two domains when a `synthetic` root does not exist yet."""
@@ -103,7 +107,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     rcs: RareClassConfig = field(default_factory=RareClassConfig)
-    # Folder of the prepared copies `python -m datasets prepare` writes (images and train-id labels at each
+    # Folder of the prepared copies `python -m rtda.datasets prepare` writes (images and train-id labels at each
     # role's size); the loaders read a complete matching entry there instead of the PNGs, and the PNGs otherwise.
     # null = never look.
     cache: str | None = "data/cache"
@@ -302,8 +306,7 @@ RANGES = {
     "adapt.jitter_p": "[0, 1]", "adapt.blur_p": "[0, 1]", "adapt.mix_weight": "[0, inf)",
     "data.synthetic.num_source": "[1, inf)", "data.synthetic.num_target": "[1, inf)",
     "data.synthetic.num_val": "[1, inf)", "data.synthetic.height": "[8, inf)", "data.synthetic.width": "[8, inf)",
-    **{f"data.augment.{p}": "[0, 1]" for p in ("hflip", "scale_crop", "color_jitter", "blur", "brightness",
-                                                "noise", "grayscale")},
+    **{f"data.augment.{p}": "[0, 1]" for p in AUGMENTATIONS},
 }
 
 
@@ -354,6 +357,13 @@ RESUME_FREE_KEYS = ("name", "train.amp", "train.workers", "train.log_interval", 
                     "train.eval_interval", "train.vis_images", "train.max_wall_time", "train.keep_every",
                     "eval.batch_size", "data.source.root", "data.target.root", "data.val.root",
                     "data.cache")  # the cache gives byte-identical items
+# Keys that do not change what a run learns: runs differing only in these (and the seed) are one table row.
+NOT_RESULT_KEYS = ("seed", "name", "train.workers", "train.log_interval", "train.checkpoint_interval",
+                   "train.vis_images", "data.source.root", "data.target.root", "data.val.root",
+                   "data.cache")  # the cache gives byte-identical items
+# Keys that decide which tensors a checkpoint holds: no resume can change them.
+STRUCTURE_KEYS = ("model.name", "model.backbone", "model.num_classes", "model.aux_head", "model.aspp_dilations",
+                  "model.resnet_variant", "adapt.name", "adapt.multi_level", "adapt.discriminator")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -1,6 +1,6 @@
 """Prepared copies of the data sets at their configured size, read by the loaders instead of the PNGs.
 
-    python -m datasets prepare --config configs/gta5_bisenet.yaml [--workers N] [key=value ...]
+    python -m rtda.datasets prepare --config configs/gta5_bisenet.yaml [--workers N] [key=value ...]
 
 Format, chosen by measurement (docs/benchmarks.md, "Data loading"): one uint8 array per entry in a memory-mapped
 `.npy` file, items `[N, H, W, 3]` for images and `[N, H, W]` for train-id labels. Reading an item is a copy
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torchvision
 
-from datasets.io import DatasetError
+from rtda.datasets.io import DatasetError
 
 FORMAT_VERSION = 1
 SAVE_EVERY_S = 2.0  # how often a running prepare makes its progress durable
@@ -136,7 +136,7 @@ class CacheEntry:
             return
         _reported.add(str(self.folder))
         warnings.warn(f"{self.cache_dir}: the {self.kind} cache for these files and settings is {self.status()} "
-                      f"({self.folder.name}); reading the original files (`python -m datasets prepare --config FILE` "
+                      f"({self.folder.name}); reading the original files (`python -m rtda.datasets prepare --config FILE` "
                       "writes or finishes it)", stacklevel=4)
 
     # ----------------------------------------------------------------------------------------- reading
@@ -146,7 +146,7 @@ class CacheEntry:
             array = np.load(self.data_path, mmap_mode="r")
             if array.shape != self.shape or array.dtype != np.uint8:
                 raise DatasetError(f"{self.data_path}: holds {array.dtype} {array.shape}, expected uint8 {self.shape}; "
-                                   "delete the folder and rerun `python -m datasets prepare`")
+                                   "delete the folder and rerun `python -m rtda.datasets prepare`")
             self._array = array
         return np.array(self._array[index])
 
@@ -267,7 +267,7 @@ def _locked(entries: list[CacheEntry]):
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise DatasetError(f"{entry.folder}: another `python -m datasets prepare` is writing this entry; "
+                raise DatasetError(f"{entry.folder}: another `python -m rtda.datasets prepare` is writing this entry; "
                                    "wait for it to finish (or stop it) and run again") from None
         yield
 

@@ -14,8 +14,8 @@ import os
 import warnings
 from pathlib import Path
 
-from datasets.base import ImageLabelDataset
-from datasets.io import DatasetError, png_size
+from rtda.datasets.base import ImageLabelDataset
+from rtda.datasets.io import DatasetError, png_size
 
 _warned_roots: set[str] = set()  # one size-mismatch warning per root and process
 

@@ -21,9 +21,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datasets.io import _DECODE_ERRORS, DatasetError, read_label_colour, read_label_png
-from datasets.labels import (IGNORE_INDEX, LABEL_ID_COLOURS, MAX_LABEL_ID, NUM_CLASSES, PALETTE, check_train_ids,
-                             colours_to_train_ids, label_ids_to_train_ids)
+from rtda.datasets.io import _DECODE_ERRORS, DatasetError, read_label_colour, read_label_png
+from rtda.datasets.labels import (
+    IGNORE_INDEX,
+    LABEL_ID_COLOURS,
+    MAX_LABEL_ID,
+    NUM_CLASSES,
+    PALETTE,
+    check_train_ids,
+    colours_to_train_ids,
+    label_ids_to_train_ids,
+)
 
 ENCODINGS = ("label_ids", "train_ids", "color")
 DESCRIPTIONS = {

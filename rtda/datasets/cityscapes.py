@@ -6,7 +6,7 @@
                                                                                the course zip: train ids
     root/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_color.png           colours (used only when nothing else is there)
 
-When several label files exist for every image, the official `_labelIds.png` is read (and `python -m datasets`
+When several label files exist for every image, the official `_labelIds.png` is read (and `python -m rtda.datasets`
 says so); what the files hold is then told from their values (datasets/forms.py), the name only settles a tie.
 
 Item names are the stems `{city}_{seq}_{frame}`: cityscapesscripts' evaluator matches a prediction file
@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from datasets.base import ImageLabelDataset
-from datasets.forms import SHORT
-from datasets.io import DatasetError
+from rtda.datasets.base import ImageLabelDataset
+from rtda.datasets.forms import SHORT
+from rtda.datasets.io import DatasetError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"  # the official one

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from datasets.forms import COLOUR_TYPES, DESCRIPTIONS, ENCODINGS, decode_train_ids, detect_encoding
-from datasets.io import DatasetError, png_header, read_image
-from datasets.transforms import augment_sample, resize_image, resize_label
+from rtda.datasets.forms import COLOUR_TYPES, DESCRIPTIONS, ENCODINGS, decode_train_ids, detect_encoding
+from rtda.datasets.io import DatasetError, png_header, read_image
+from rtda.datasets.transforms import augment_sample, resize_image, resize_label
 
 MAX_ASPECT_CHANGE = 0.10  # pre-flight: a label whose aspect ratio differs more from its image's is mispaired
 OFF_PALETTE_SLOTS = 65  # the main process and up to 64 DataLoader workers
@@ -130,7 +130,7 @@ class ImageLabelDataset(Dataset):
         if int(self._off_palette_reported) == 0:  # the first one in any process of this run (shared flag)
             self._off_palette_reported.fill_(1)
             warnings.warn(f"{path}: {count} label pixels have colours outside the Cityscapes palette; they are read "
-                          "as ignore (255). Reported once per run; `python -m datasets --config FILE --check` counts "
+                          "as ignore (255). Reported once per run; `python -m rtda.datasets --config FILE --check` counts "
                           "them in every file", stacklevel=3)
 
     def load_uncached(self, index: int, image: bool = True, label: bool = True):
@@ -185,7 +185,7 @@ class ImageLabelDataset(Dataset):
 
     def cache_entries(self, cache_dir=None) -> list:
         """The cache entries this set reads: its images at `size`, and its labels (when it has cacheable ones)."""
-        from datasets.cache import image_entry, label_entry  # the cache module imports this one
+        from rtda.datasets.cache import image_entry, label_entry  # the cache module imports this one
 
         cache_dir = cache_dir if cache_dir is not None else self.cache_dir
         if cache_dir is None:
@@ -212,7 +212,7 @@ class ImageLabelDataset(Dataset):
                 if pixels and int(self._off_palette_reported) == 0:
                     self._off_palette_reported.fill_(1)
                     warnings.warn(f"{self.describe_root()}: {pixels} label pixels in {files} files have colours outside "
-                                  "the Cityscapes palette; they are read as ignore (255) (counted by `python -m datasets "
+                                  "the Cityscapes palette; they are read as ignore (255) (counted by `python -m rtda.datasets "
                                   "prepare`)", stacklevel=3)
 
     @property
@@ -237,7 +237,7 @@ class ImageLabelDataset(Dataset):
 
         Headers only (45 bytes a file, read by a thread pool): a few seconds for 25,000 files. Raises one
         DatasetError naming the first bad file and what was expected (and how many fail); returns the number of
-        files checked. Values inside the files are the full scan's job: `python -m datasets --config FILE --check`.
+        files checked. Values inside the files are the full scan's job: `python -m rtda.datasets --config FILE --check`.
         """
         problems = self.file_problems()
         total = len(self.images) + (len(self.labels) if self.labels is not None else 0)

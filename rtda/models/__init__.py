@@ -1,0 +1,58 @@
+"""Segmentation models for real-time domain adaptation, built from the `model` section of a config.
+
+    from rtda.models import build_model, deploy
+    model = build_model(cfg.model)        # or a mapping: {"name": "bisenet", "backbone": "resnet18"}
+    out = model(images)                   # raw 0-255 RGB; train: SegOutput(logits, aux), eval: full-size logits
+    groups = model.param_groups()         # {"backbone": [...], "head": [...]}
+    fast = deploy(model)                  # eval-only inference copy
+
+The contract is docs/architecture.md's "Models" section.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rtda.config import ConfigError, ModelConfig, from_dict
+from rtda.models.base import SegmentationModel, SegOutput
+from rtda.models.bisenet import BiSeNet
+from rtda.models.deeplabv2 import DeepLabV2
+from rtda.models.deploy import deploy
+from rtda.models.resnet import load_backbone_weights
+
+__all__ = ["MODELS", "SegOutput", "SegmentationModel", "build_model", "deploy"]
+
+
+def build_deeplabv2(cfg: ModelConfig) -> DeepLabV2:
+    # DeepLabV2 is defined on ResNet-101; `backbone` chooses BiSeNet's context path only.
+    return DeepLabV2(cfg.num_classes, cfg.aspp_dilations, cfg.aux_head,
+                     freeze_bn=True if cfg.freeze_bn is None else cfg.freeze_bn,
+                     resnet_variant=cfg.resnet_variant, input_norm=cfg.input_norm)
+
+
+def build_bisenet(cfg: ModelConfig) -> BiSeNet:
+    if cfg.aux_head:
+        raise ConfigError("model.aux_head is a DeepLabV2 option; BiSeNet always has its two auxiliary heads")
+    return BiSeNet(cfg.backbone, cfg.num_classes, freeze_bn=bool(cfg.freeze_bn),
+                   resnet_variant=cfg.resnet_variant, input_norm=cfg.input_norm)
+
+
+MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet}
+
+
+def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
+    """The model named by `cfg.name`, its backbone loaded from `cfg.pretrained` (none | imagenet | PATH)."""
+    if isinstance(cfg, Mapping):
+        cfg = from_dict({"model": dict(cfg)}, source="model config").model
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build_model takes the `model` section of a config (ModelConfig or a mapping), "
+                        f"got {type(cfg).__name__}")
+    if cfg.num_classes < 1:
+        raise ConfigError(f"model.num_classes = {cfg.num_classes}: expected a positive number of classes")
+    if cfg.pretrained == "imagenet" and (cfg.resnet_variant, cfg.input_norm) != ("v1.5", "imagenet"):
+        raise ConfigError("model.pretrained = imagenet loads torchvision weights, which need "
+                         "model.resnet_variant: v1.5 and model.input_norm: imagenet")
+    model = MODELS[cfg.name](cfg)
+    backbone_name = "resnet101" if cfg.name == "deeplabv2" else cfg.backbone
+    caffe_setup = cfg.resnet_variant == "v1" and cfg.input_norm == "caffe"
+    load_backbone_weights(model.backbone, cfg.pretrained, backbone_name, caffe_setup)
+    return model

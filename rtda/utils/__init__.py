@@ -1,0 +1,1 @@
+"""Machine-level helpers independent of segmentation: seeds, processes, precision, files."""

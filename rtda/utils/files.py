@@ -1,0 +1,77 @@
+"""Checkpoint files: atomic writes that never leave a half-written file, reads with one-line errors."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write `state` atomically: a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash or a full disk at any point leaves the previous file at `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed mid-write
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as a RuntimeError
+            free = shutil.disk_usage(path.parent).free
+            kept = f"the previous {path.name} is untouched" if path.exists() else "no earlier one was written"
+            raise CheckpointError(f"{path}: could not write the checkpoint ({exc}); {free / 2**20:.0f} MiB free in "
+                                  f"{path.parent}; {kept}") from exc
+        raise
+    with contextlib.suppress(OSError):  # persist the rename itself (not possible on every file system)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def output_folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot receive outputs (a file where it or a parent should be, no write permission), or None."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, expected a folder (nothing was written)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or written."""
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Read a checkpoint written by `save_checkpoint` (tensors, numbers, strings and containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def model_state_from_checkpoint(checkpoint: dict) -> dict:
+    """The model weights of a trainer checkpoint (`{"model": ...}`) or of a plain state dict."""
+    inner = checkpoint.get("model")
+    return inner if isinstance(inner, dict) else checkpoint
