@@ -9,9 +9,16 @@ names the allowed values. `dump_config` writes YAML that `load_config` reads bac
 
     schema.py  the dataclasses (each key's default, type and role)
     load.py    reading, overrides, validation, value ranges, writing
-    keys.py    dotted key names and the key roles a resume and the result tables use
+    keys.py    dotted key names, and the key sets a resume and the result tables use (from the roles)
 """
-from rtda.config.keys import NOT_RESULT_KEYS, RESUME_FREE_KEYS, STRUCTURE_KEYS, flatten, learning_differences
+from rtda.config.keys import (
+    KEY_ROLES,
+    NOT_RESULT_KEYS,
+    RESUME_FREE_KEYS,
+    STRUCTURE_KEYS,
+    flatten,
+    learning_differences,
+)
 from rtda.config.load import (
     RANGES,
     ConfigError,
@@ -24,6 +31,7 @@ from rtda.config.load import (
 )
 from rtda.config.schema import (
     AUGMENTATIONS,
+    ROLES,
     AdaptConfig,
     AugmentConfig,
     Config,
@@ -38,7 +46,7 @@ from rtda.config.schema import (
 )
 
 __all__ = [
-    "AUGMENTATIONS", "NOT_RESULT_KEYS", "RANGES", "RESUME_FREE_KEYS", "STRUCTURE_KEYS",
+    "AUGMENTATIONS", "KEY_ROLES", "NOT_RESULT_KEYS", "RANGES", "RESUME_FREE_KEYS", "ROLES", "STRUCTURE_KEYS",
     "AdaptConfig", "AugmentConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "EvalConfig",
     "ModelConfig", "RareClassConfig", "SyntheticConfig", "TTAConfig", "TrainConfig",
     "check_ranges", "dump_config", "flatten", "from_dict", "learning_differences", "load_config",

@@ -5,13 +5,26 @@ Every field is a key of the YAML files (`section.key`); its type hint is what th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
+
+# The role of a key, declared once as field metadata (rtda.config.keys derives the resume and table key sets):
+#   learning   (a field without a role) changes what a run learns: a resume must keep it, tables split rows on it
+#   structure  learning, and it also decides which tensors a checkpoint holds: no resume can change it
+#   free       changes nothing learned: a resume may change it, and runs differing only in it are one table row
+#   machine    the machine's setting: a resume may change it, but tables keep runs differing in it apart
+#   seed       learning for a resume, but the seeds of one config are one table row (its mean and spread)
+ROLES = ("learning", "structure", "free", "machine", "seed")
+STRUCTURE = MappingProxyType({"role": "structure"})
+FREE = MappingProxyType({"role": "free"})
+MACHINE = MappingProxyType({"role": "machine"})
+SEED = MappingProxyType({"role": "seed"})
 
 
 @dataclass
 class DatasetConfig:
     name: Literal["gta5", "cityscapes", "synthetic"] = "cityscapes"
-    root: str = "data/Cityscapes"
+    root: str = field(default="data/Cityscapes", metadata=FREE)  # where the files are, not what they hold
     split: str = "train"
     size: list[int] = field(default_factory=lambda: [1024, 512])  # [width, height] after resizing
     # synthetic only: which generated domain to read, `source` (GTA5 layout) or `target` (Cityscapes layout)
@@ -92,27 +105,27 @@ class DataConfig:
     # Folder of the prepared copies `python -m rtda.datasets prepare` writes (images and train-id labels at each
     # role's size); the loaders read a complete matching entry there instead of the PNGs, and the PNGs otherwise.
     # null = never look.
-    cache: str | None = "data/cache"
+    cache: str | None = field(default="data/cache", metadata=FREE)  # the cache gives byte-identical items
 
 
 @dataclass
 class ModelConfig:
-    name: Literal["deeplabv2", "bisenet"] = "bisenet"
-    backbone: Literal["resnet18", "resnet101"] = "resnet18"  # BiSeNet's context path; DeepLabV2 is always ResNet-101
+    name: Literal["deeplabv2", "bisenet"] = field(default="bisenet", metadata=STRUCTURE)
+    backbone: Literal["resnet18", "resnet101"] = field(default="resnet18", metadata=STRUCTURE)  # BiSeNet's context path; DeepLabV2 is always ResNet-101
     pretrained: str = "none"  # none | imagenet | PATH to a state dict
     # Models take raw 0-255 RGB pixels and normalise on the device, the way their weights expect:
     # `imagenet` = RGB / 255 with ImageNet mean/std (torchvision); `caffe` = BGR minus the caffe means (DeepLab).
     input_norm: Literal["imagenet", "caffe"] = "imagenet"
-    num_classes: int = 19
+    num_classes: int = field(default=19, metadata=STRUCTURE)
     # Where a ResNet bottleneck strides: `v1.5` (torchvision, in the 3x3) or `v1` (caffe DeepLab weights, in the 1x1,
     # with caffe's ceil-mode max-pool: the course's 374.7 GFLOPs DeepLabV2 is this variant).
-    resnet_variant: Literal["v1", "v1.5"] = "v1.5"
+    resnet_variant: Literal["v1", "v1.5"] = field(default="v1.5", metadata=STRUCTURE)
     # DeepLabV2 ASPP rates; [6, 12] is the head AdaptSegNet and DACS actually ran (DAFormer's `dlv2red`).
-    aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24], metadata=STRUCTURE)
     # Freeze the backbone BN affine parameters (running stats still update); null = the model's recipe:
     # frozen for DeepLabV2, trained for BiSeNet.
     freeze_bn: bool | None = None
-    aux_head: bool = False  # DeepLabV2: extra classifier on layer3 (multi-level training)
+    aux_head: bool = field(default=False, metadata=STRUCTURE)  # DeepLabV2: extra classifier on layer3 (multi-level training)
     aux_weight: float = 1.0  # weight of each auxiliary segmentation loss
 
 
@@ -120,13 +133,14 @@ class ModelConfig:
 class AdaptConfig:
     """Every constant of every adaptation recipe; defaults are the papers' values (docs/architecture.md)."""
 
-    name: Literal["none", "adversarial", "fda", "dacs", "minent", "advent", "mic"] = "none"
+    name: Literal["none", "adversarial", "fda", "dacs", "minent", "advent", "mic"] = field(default="none",
+                                                                                           metadata=STRUCTURE)
     # adversarial (AdaptSegNet): output-space discriminator(s) on the softmax of the upsampled logits
-    multi_level: bool = False  # a second discriminator on the first auxiliary output (model.aux)
+    multi_level: bool = field(default=False, metadata=STRUCTURE)  # a second discriminator on the first auxiliary output (model.aux)
     lambda_adv: float = 0.001
     lambda_adv_aux: float = 0.0002
     gan: Literal["bce", "ls"] = "bce"  # vanilla GAN (BCE with logits) or least-squares GAN (MSE)
-    discriminator: Literal["standard", "light"] = "standard"
+    discriminator: Literal["standard", "light"] = field(default="standard", metadata=STRUCTURE)
     d_lr: float = 1e-4  # Adam, decayed with the model's poly schedule (train.poly_power)
     d_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     source_label: float = 0.0
@@ -191,21 +205,22 @@ class TrainConfig:
     warmup_iters: int = 0
     # Autocast dtype. auto: bf16 on GPUs of compute capability >= 8.0, fp16 + GradScaler on older ones (T4, P100),
     # float32 on CPU; bf16 / fp16 force that dtype (on CPU too, under CPU autocast); none: float32 everywhere.
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    workers: int = 4
-    log_interval: int = 50
-    eval_interval: int = 0  # iterations between validations; 0 = at the end only
-    checkpoint_interval: int = 500
+    # The machine's precision, not the recipe: a run moved from a T4 to an A100 under `auto` changes it anyway.
+    amp: Literal["auto", "bf16", "fp16", "none"] = field(default="auto", metadata=MACHINE)
+    workers: int = field(default=4, metadata=FREE)
+    log_interval: int = field(default=50, metadata=FREE)
+    eval_interval: int = field(default=0, metadata=MACHINE)  # iterations between validations; 0 = at the end only
+    checkpoint_interval: int = field(default=500, metadata=FREE)
     sync_bn: bool = False
     deterministic: bool = False
-    vis_images: int = 4  # validation images drawn into TensorBoard
+    vis_images: int = field(default=4, metadata=FREE)  # validation images drawn into TensorBoard
     # Gradient accumulation: each iteration runs `accumulate` micro-batches of batch_size / accumulate images
     # and steps once, so batch_size keeps its meaning (the global batch) with less memory.
     accumulate: int = 1
     # Stop cleanly (last.pt saved) once this session has trained this long, e.g. "3h30m", "90m" or seconds;
     # `--resume auto` continues. Leave a margin for one validation and one checkpoint before a hard limit.
-    max_wall_time: str | float | None = None
-    keep_every: int = 0  # also keep the weights every N iterations in snapshots/iter_NNNNNNN.pt; 0 = off
+    max_wall_time: str | float | None = field(default=None, metadata=MACHINE)
+    keep_every: int = field(default=0, metadata=MACHINE)  # also keep the weights every N iterations in snapshots/iter_NNNNNNN.pt; 0 = off
 
 
 @dataclass
@@ -220,7 +235,7 @@ class TTAConfig:
 class EvalConfig:
     # `protocol`: score at the configured val size (1024x512); `full`: at the original label size (2048x1024)
     label_size: Literal["protocol", "full"] = "protocol"
-    batch_size: int = 1
+    batch_size: int = field(default=1, metadata=MACHINE)
     tta: TTAConfig = field(default_factory=TTAConfig)
     # Sliding-window inference in eval.py, for inputs too large for one pass: [width, height] crops whose logits
     # are averaged where they overlap; null = the whole image at once. `window_stride` (null = 2/3 of the window)
@@ -231,8 +246,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    name: str = ""  # the config file's stem when empty; names the run folder
-    seed: int = 0
+    name: str = field(default="", metadata=FREE)  # the config file's stem when empty; names the run folder
+    seed: int = field(default=0, metadata=SEED)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
