@@ -2,8 +2,10 @@
 import pytest
 
 from rtda.config import (
+    AUGMENTATIONS,
     KEY_ROLES,
     NOT_RESULT_KEYS,
+    RANGES,
     RESUME_FREE_KEYS,
     ROLES,
     STRUCTURE_KEYS,
@@ -120,3 +122,10 @@ def test_a_resume_may_change_only_free_and_machine_keys():
     new = to_dict(from_dict({"train": {"amp": "none", "workers": 0}, "data": {"cache": "/kaggle/working/cache"},
                              "seed": 1, "model": {"name": "deeplabv2"}}))
     assert learning_differences(old, new) == {"seed": (0, 1), "model.name": ("bisenet", "deeplabv2")}
+
+
+def test_augmentations_are_the_marked_augment_fields_in_declaration_order():
+    assert AUGMENTATIONS == ("hflip", "scale_crop", "color_jitter", "blur", "brightness", "noise", "grayscale")
+    assert all(RANGES[f"data.augment.{name}"] == "[0, 1]" for name in AUGMENTATIONS)
+    with pytest.raises(ConfigError, match=r"`data.augment.noise` = 1.5 is out of range"):
+        from_dict({"data": {"augment": {"noise": 1.5}}})

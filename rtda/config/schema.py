@@ -4,7 +4,7 @@ Every field is a key of the YAML files (`section.key`); its type hint is what th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Literal
 
@@ -19,6 +19,8 @@ STRUCTURE = MappingProxyType({"role": "structure"})
 FREE = MappingProxyType({"role": "free"})
 MACHINE = MappingProxyType({"role": "machine"})
 SEED = MappingProxyType({"role": "seed"})
+# An AugmentConfig field that is an augmentation's probability (the unmarked ones are parameters).
+AUGMENTATION = MappingProxyType({"augmentation": True})
 
 
 @dataclass
@@ -42,24 +44,28 @@ class DatasetConfig:
 
 @dataclass
 class AugmentConfig:
-    """Training augmentations of the labelled source; each value is that augmentation's probability (0 = off)."""
+    """Training augmentations of the labelled source (rtda.datasets.transforms applies them).
 
-    hflip: float = 0.0
-    scale_crop: float = 0.0
+    Each field marked AUGMENTATION is one augmentation's probability (0 = off; RANGES keeps it in [0, 1]) and
+    AUGMENTATIONS lists them in declaration order; the unmarked fields are their parameters.
+    """
+
+    hflip: float = field(default=0.0, metadata=AUGMENTATION)
+    scale_crop: float = field(default=0.0, metadata=AUGMENTATION)
     scale_range: list[float] = field(default_factory=lambda: [0.75, 1.5])
-    color_jitter: float = 0.0
+    color_jitter: float = field(default=0.0, metadata=AUGMENTATION)
     jitter_strength: float = 0.25
-    blur: float = 0.0
+    blur: float = field(default=0.0, metadata=AUGMENTATION)
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
-    brightness: float = 0.0
+    brightness: float = field(default=0.0, metadata=AUGMENTATION)
     brightness_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
-    noise: float = 0.0
+    noise: float = field(default=0.0, metadata=AUGMENTATION)
     noise_std: float = 8.0  # on the 0-255 pixel scale
-    grayscale: float = 0.0
+    grayscale: float = field(default=0.0, metadata=AUGMENTATION)
 
 
-# The augmentation probabilities of `data.augment` (its other keys are their parameters), in declaration order.
-AUGMENTATIONS = ("hflip", "scale_crop", "color_jitter", "blur", "brightness", "noise", "grayscale")
+# The augmentation probabilities of `data.augment`, in declaration order.
+AUGMENTATIONS = tuple(f.name for f in fields(AugmentConfig) if f.metadata.get("augmentation"))
 
 
 @dataclass
