@@ -215,7 +215,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "none"] = field(default="auto", metadata=MACHINE)
     workers: int = field(default=4, metadata=FREE)
     log_interval: int = field(default=50, metadata=FREE)
-    eval_interval: int = field(default=0, metadata=MACHINE)  # iterations between validations; 0 = at the end only
+    eval_interval: int = field(default=0, metadata=FREE)  # iterations between validations; 0 = at the end only
     checkpoint_interval: int = field(default=500, metadata=FREE)
     sync_bn: bool = False
     deterministic: bool = False
@@ -225,8 +225,8 @@ class TrainConfig:
     accumulate: int = 1
     # Stop cleanly (last.pt saved) once this session has trained this long, e.g. "3h30m", "90m" or seconds;
     # `--resume auto` continues. Leave a margin for one validation and one checkpoint before a hard limit.
-    max_wall_time: str | float | None = field(default=None, metadata=MACHINE)
-    keep_every: int = field(default=0, metadata=MACHINE)  # also keep the weights every N iterations in snapshots/iter_NNNNNNN.pt; 0 = off
+    max_wall_time: str | float | None = field(default=None, metadata=FREE)
+    keep_every: int = field(default=0, metadata=FREE)  # also keep the weights every N iterations in snapshots/iter_NNNNNNN.pt; 0 = off
 
 
 @dataclass
@@ -241,7 +241,7 @@ class TTAConfig:
 class EvalConfig:
     # `protocol`: score at the configured val size (1024x512); `full`: at the original label size (2048x1024)
     label_size: Literal["protocol", "full"] = "protocol"
-    batch_size: int = field(default=1, metadata=MACHINE)
+    batch_size: int = field(default=1, metadata=FREE)
     tta: TTAConfig = field(default_factory=TTAConfig)
     # Sliding-window inference in eval.py, for inputs too large for one pass: [width, height] crops whose logits
     # are averaged where they overlap; null = the whole image at once. `window_stride` (null = 2/3 of the window)
