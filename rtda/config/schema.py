@@ -117,7 +117,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: Literal["deeplabv2", "bisenet"] = field(default="bisenet", metadata=STRUCTURE)
-    backbone: Literal["resnet18", "resnet101"] = field(default="resnet18", metadata=STRUCTURE)  # BiSeNet's context path; DeepLabV2 is always ResNet-101
+    # BiSeNet's context path; DeepLabV2 is always ResNet-101
+    backbone: Literal["resnet18", "resnet101"] = field(default="resnet18", metadata=STRUCTURE)
     pretrained: str = "none"  # none | imagenet | PATH to a state dict
     # Models take raw 0-255 RGB pixels and normalise on the device, the way their weights expect:
     # `imagenet` = RGB / 255 with ImageNet mean/std (torchvision); `caffe` = BGR minus the caffe means (DeepLab).
@@ -131,18 +132,26 @@ class ModelConfig:
     # Freeze the backbone BN affine parameters (running stats still update); null = the model's recipe:
     # frozen for DeepLabV2, trained for BiSeNet.
     freeze_bn: bool | None = None
-    aux_head: bool = field(default=False, metadata=STRUCTURE)  # DeepLabV2: extra classifier on layer3 (multi-level training)
+    # DeepLabV2: extra classifier on layer3 (multi-level training)
+    aux_head: bool = field(default=False, metadata=STRUCTURE)
     aux_weight: float = 1.0  # weight of each auxiliary segmentation loss
 
 
 @dataclass
 class AdaptConfig:
-    """Every constant of every adaptation recipe; defaults are the papers' values (docs/architecture.md)."""
+    """Every constant of every adaptation recipe; defaults are the papers' values (docs/architecture.md).
+
+    One flat section, so that every resolved config.yaml and old run folder keeps loading; the keys are grouped
+    below by the strategy that reads them (each strategy class in rtda.adapt declares its own list), and the field
+    order is the order `dump_config` writes.
+    """
 
     name: Literal["none", "adversarial", "fda", "dacs", "minent", "advent", "mic"] = field(default="none",
                                                                                            metadata=STRUCTURE)
-    # adversarial (AdaptSegNet): output-space discriminator(s) on the softmax of the upsampled logits
-    multi_level: bool = field(default=False, metadata=STRUCTURE)  # a second discriminator on the first auxiliary output (model.aux)
+    # -- adversarial (AdaptSegNet): output-space discriminator(s) on the softmax of the upsampled logits.
+    # AdvEnt (`advent`) reads these too: its discriminators see the self-information map.
+    # A second discriminator on the first auxiliary output (model.aux); MinEnt reads it too (entropy of that output)
+    multi_level: bool = field(default=False, metadata=STRUCTURE)
     lambda_adv: float = 0.001
     lambda_adv_aux: float = 0.0002
     gan: Literal["bce", "ls"] = "bce"  # vanilla GAN (BCE with logits) or least-squares GAN (MSE)
@@ -151,18 +160,20 @@ class AdaptConfig:
     d_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     source_label: float = 0.0
     target_label: float = 1.0
-    # FDA: low-frequency amplitude of the target in the source image, entropy on the target
+    # -- fda: low-frequency amplitude of the target in the source image, entropy on the target
     beta: float = 0.01  # half-width of the swapped band = floor(min(H, W) * beta)
     entropy_weight: float = 0.005
     entropy_eta: float = 2.0  # Charbonnier exponent: (ent^2 + eps)^eta
     entropy_eps: float = 1e-8
     entropy_start: int = 0  # iteration from which the entropy term is on
     pseudo_weight: float = 1.0  # self-supervised round: weight of the CE on data.target.pseudo_labels
-    pseudo_percentile: float = 0.66  # `adapt.py pseudo-labels`: per-class confidence percentile kept
+    # -- the pseudo-label tool (`adapt.py pseudo-labels`), which writes FDA's self-supervised labels
+    pseudo_percentile: float = 0.66  # per-class confidence percentile kept
     pseudo_cap: float = 0.9  # ... and the cap on that per-class threshold
-    # [width, height] random crop the recipe's loader takes: FDA crops the source (1024x512), DACS both (512x512)
+    # -- fda and dacs (and mic): the [width, height] random crop the recipe's loader takes: FDA crops the source
+    # (1024x512), DACS both (512x512)
     crop: list[int] | None = None
-    # DACS: ClassMix with an EMA teacher
+    # -- dacs (and mic): ClassMix with an EMA teacher
     mix_fraction: float = 0.5  # share of a source image's classes pasted (rounded up)
     # Count the ignore label (255) as one more class that ClassMix may pick, as DACS's trainUDA.py does
     # (torch.unique of the label, its ignore filter commented out); false = the paper's "half of the classes".
@@ -175,11 +186,11 @@ class AdaptConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
     blur_kernel: float = 0.1  # Gaussian kernel side as a share of the image height (made odd)
     mix_weight: float = 1.0
-    # ADVENT MinEnt: normalised entropy of the target softmax (main; first auxiliary output with multi_level).
-    # AdvEnt (`advent`) takes the adversarial keys above, its discriminators see the self-information map.
+    # -- minent (ADVENT MinEnt): normalised entropy of the target softmax (main; first auxiliary output with
+    # multi_level)
     lambda_ent: float = 0.001
     lambda_ent_aux: float = 0.0002
-    # DAFormer options of `dacs` (and `mic`); the defaults leave DACS as it was, the DAFormer values in comments.
+    # -- DAFormer options of dacs (and mic); the defaults leave DACS as it was, the DAFormer values in comments.
     fd_lambda: float = 0.0  # thing-class ImageNet feature distance on the source (DAFormer 0.005)
     fd_classes: list[int] = field(default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])  # thing classes
     fd_min_ratio: float = 0.75  # a feature cell counts as its majority class when that class covers this share
@@ -187,7 +198,7 @@ class AdaptConfig:
     # target 512 rows high (the protocol's 1024x512) and scaled to data.target.size's height
     pseudo_ignore_top: int = 0
     pseudo_ignore_bottom: int = 0
-    # MIC (`mic` = dacs + masked image consistency): square patches of mask_block px (at a 512-row target, scaled
+    # -- mic (= dacs + masked image consistency): square patches of mask_block px (at a 512-row target, scaled
     # like the rows above), each masked with probability mask_ratio, on the colour-augmented target
     mask_block: int = 64
     mask_ratio: float = 0.7
@@ -226,7 +237,8 @@ class TrainConfig:
     # Stop cleanly (last.pt saved) once this session has trained this long, e.g. "3h30m", "90m" or seconds;
     # `--resume auto` continues. Leave a margin for one validation and one checkpoint before a hard limit.
     max_wall_time: str | float | None = field(default=None, metadata=FREE)
-    keep_every: int = field(default=0, metadata=FREE)  # also keep the weights every N iterations in snapshots/iter_NNNNNNN.pt; 0 = off
+    # also keep the weights every N iterations in snapshots/iter_NNNNNNN.pt; 0 = off
+    keep_every: int = field(default=0, metadata=FREE)
 
 
 @dataclass
