@@ -115,10 +115,12 @@ def parse_duration(value: str | float) -> float:
 
 
 def to_dict(cfg: Any) -> dict:
+    """The config (or one of its sections) as plain nested dicts and lists, in field order."""
     return dataclasses.asdict(cfg)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write `cfg` as YAML in field order; `load_config(path)` reads it back to an equal Config."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -138,6 +140,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _read_yaml(path: Path) -> dict:
+    """The top-level mapping of a YAML file ({} for an empty file); a missing file or bad YAML is ConfigError."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -157,6 +160,7 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _deep_merge(into: dict, new: dict) -> None:
+    """Merge `new` into `into` in place: sections merge key by key, any other value replaces the old one."""
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
             _deep_merge(into[key], value)
@@ -165,6 +169,7 @@ def _deep_merge(into: dict, new: dict) -> None:
 
 
 def _apply_override(raw: dict, item: str) -> None:
+    """Set `section.key=value` in the raw nested dict; the value is read as YAML, an empty one is null."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=1e-3")
     dotted, text = item.split("=", 1)
@@ -179,6 +184,7 @@ def _apply_override(raw: dict, item: str) -> None:
 
 # --------------------------------------------------------------------------------------- validation
 def _build(cls: type, raw: Any, prefix: str, source: str):
+    """The dataclass `cls` from the mapping `raw`, every value checked; unknown keys name the nearest valid one."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: `{prefix.rstrip('.') or 'config'}` must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -194,6 +200,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str):
 
 
 def _check(hint: Any, value: Any, key: str, source: str):
+    """`value` converted to the schema type `hint` (a float from an int or a number-like string), or ConfigError."""
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".", source)
@@ -221,6 +228,11 @@ def _check(hint: Any, value: Any, key: str, source: str):
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, value, _type_name(hint), source)
         return [_check(item_type, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    return _check_scalar(hint, value, key, source)
+
+
+def _check_scalar(hint: Any, value: Any, key: str, source: str):
+    """`value` as the bool, int, float or str `hint` asks for (a bool is never a number), or ConfigError."""
     if hint is bool:
         if isinstance(value, bool):
             return value
