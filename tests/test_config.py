@@ -1,7 +1,25 @@
-"""The config system: defaults, one-level _base_, overrides, strictness and the YAML round trip."""
+"""The config system: defaults, one-level _base_, overrides, strictness, the YAML round trip and the key roles."""
+import json
+
 import pytest
 
-from rtda.config import Config, ConfigError, dump_config, from_dict, load_config
+from rtda.config import (
+    AUGMENTATIONS,
+    KEY_ROLES,
+    NOT_RESULT_KEYS,
+    RANGES,
+    RESUME_FREE_KEYS,
+    ROLES,
+    STRUCTURE_KEYS,
+    Config,
+    ConfigError,
+    dump_config,
+    flatten,
+    from_dict,
+    learning_differences,
+    load_config,
+    to_dict,
+)
 
 
 def write(path, text):
@@ -75,3 +93,64 @@ def test_dump_and_load_round_trip(leaf, tmp_path):
 
 def test_from_dict_defaults_equal_dataclass_defaults():
     assert from_dict({}) == Config()
+
+
+# The three key sets as rtda/config.py wrote them by hand before the roles moved onto the schema.
+RESUME_FREE_BEFORE = {"name", "train.amp", "train.workers", "train.log_interval", "train.checkpoint_interval",
+                      "train.eval_interval", "train.vis_images", "train.max_wall_time", "train.keep_every",
+                      "eval.batch_size", "data.source.root", "data.target.root", "data.val.root", "data.cache"}
+NOT_RESULT_BEFORE = {"seed", "name", "train.workers", "train.log_interval", "train.checkpoint_interval",
+                     "train.vis_images", "data.source.root", "data.target.root", "data.val.root", "data.cache"}
+STRUCTURE_BEFORE = {"model.name", "model.backbone", "model.num_classes", "model.aux_head", "model.aspp_dilations",
+                    "model.resnet_variant", "adapt.name", "adapt.multi_level", "adapt.discriminator"}
+
+
+# Free keys the hand-written NOT_RESULT_KEYS lacked: runs differing only in them became separate table rows.
+NOT_RESULT_FIXED = {"train.eval_interval", "train.max_wall_time", "train.keep_every", "eval.batch_size"}
+
+
+def test_key_sets_derived_from_the_schema_roles_equal_the_hand_written_ones():
+    assert set(RESUME_FREE_KEYS) == RESUME_FREE_BEFORE
+    assert set(NOT_RESULT_KEYS) == NOT_RESULT_BEFORE | NOT_RESULT_FIXED
+    assert set(STRUCTURE_KEYS) == STRUCTURE_BEFORE
+    for keys in (RESUME_FREE_KEYS, NOT_RESULT_KEYS, STRUCTURE_KEYS):
+        assert len(set(keys)) == len(keys)
+
+
+def test_every_key_has_a_known_role_and_sections_have_none():
+    assert set(KEY_ROLES) == set(flatten(to_dict(Config())))
+    assert set(KEY_ROLES.values()) <= set(ROLES)
+    assert KEY_ROLES["train.lr"] == "learning" and KEY_ROLES["seed"] == "seed"
+
+
+def test_a_resume_may_change_only_free_and_machine_keys():
+    old = to_dict(Config())
+    new = to_dict(from_dict({"train": {"amp": "none", "workers": 0}, "data": {"cache": "/kaggle/working/cache"},
+                             "seed": 1, "model": {"name": "deeplabv2"}}))
+    assert learning_differences(old, new) == {"seed": (0, 1), "model.name": ("bisenet", "deeplabv2")}
+
+
+def test_augmentations_are_the_marked_augment_fields_in_declaration_order():
+    assert AUGMENTATIONS == ("hflip", "scale_crop", "color_jitter", "blur", "brightness", "noise", "grayscale")
+    assert all(RANGES[f"data.augment.{name}"] == "[0, 1]" for name in AUGMENTATIONS)
+    with pytest.raises(ConfigError, match=r"`data.augment.noise` = 1.5 is out of range"):
+        from_dict({"data": {"augment": {"noise": 1.5}}})
+
+
+@pytest.mark.parametrize("section, key, value", [("train", "eval_interval", 500), ("train", "max_wall_time", "3h"),
+                                                 ("train", "keep_every", 100), ("eval", "batch_size", 4)])
+def test_runs_differing_only_in_a_free_key_are_one_table_row(tmp_path, section, key, value):
+    from rtda import bench
+
+    classes = ["road", "sidewalk"]
+    for seed, raw in enumerate([{}, {section: {key: value}}]):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        config = to_dict(from_dict({**raw, "seed": seed, "data": {"source": {"name": "gta5"}}}))
+        (run / "metrics.json").write_text(json.dumps({"config": config, "classes": classes,
+                                                      "final": {"mIoU": 30.0 + seed, "IoU": {"road": 80.0}}}))
+    runs, problems = bench.find_runs([tmp_path])
+    assert len(runs) == 2 and not problems
+    (table,) = bench.build_tables(runs, "domain-shift")
+    (row,) = table.rows
+    assert row[1] == 2  # both runs, as two seeds of one config
