@@ -6,7 +6,7 @@
 """
 import sys
 
-from rtda.evaluation import main
+from rtda.evaluation.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

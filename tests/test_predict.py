@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from rtda import evaluation as evaluator
+from rtda.evaluation.predict import video_frames
 from rtda.models import build_model
 from rtda.utils.files import save_checkpoint
 
@@ -161,10 +162,10 @@ class FakeCapture:
 
 
 def test_video_frames_tells_corrupt_frames_from_the_end():
-    frames = list(evaluator.video_frames(FakeCapture([True, False, False, True, False, False]), announced=9))
+    frames = list(video_frames(FakeCapture([True, False, False, True, False, False]), announced=9))
     assert [(i, f is None) for i, f in frames] == [(0, False), (1, True), (2, True), (3, False)]
     # a container announcing fewer (or no) frames: a failure ends it
-    frames = list(evaluator.video_frames(FakeCapture([True, True, False, True]), announced=0))
+    frames = list(video_frames(FakeCapture([True, True, False, True]), announced=0))
     assert [i for i, _ in frames] == [0, 1]
 
 
