@@ -279,6 +279,15 @@ def test_pseudo_label_thresholds_on_a_hand_built_confidence_map():
     assert (labels[pred == 0] != 255).sum() == 17 and (labels[pred == 1] != 255).all()
 
 
+def test_pseudo_labels_command_takes_the_old_spelling_too(capsys):
+    """`python -m rtda.adapt.pseudo_labels ...` and the old `adapt.py pseudo-labels ...` run the same command."""
+    args = ["--config", "missing.yaml", "--checkpoint", "missing.pt", "--out", "unused"]
+    assert pseudo_labels.main(args) == 1
+    assert pseudo_labels.main(["pseudo-labels", *args]) == 1
+    new, old = capsys.readouterr().err.splitlines()
+    assert new == old and new.startswith("error: ")
+
+
 # ----------------------------------------------------------------------------------------- adversarial
 @pytest.mark.parametrize("gan", ["bce", "ls"])
 def test_adversarial_losses_reach_only_their_own_network(gan):
