@@ -2,6 +2,7 @@
 pseudo-label thresholds, and (through train.py) a few iterations of every synthetic adaptation config."""
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,8 @@ from PIL import Image
 from torch import nn
 
 from rtda import adapt
-from rtda.config import from_dict, load_config
+from rtda.adapt import pseudo_labels
+from rtda.config import AdaptConfig, from_dict, load_config
 from rtda.models.base import SegOutput
 from rtda.utils.files import load_checkpoint
 
@@ -94,14 +96,14 @@ def batches(b=2, h=16, w=32, seed=0):
 # ------------------------------------------------------------------------------------------------ FDA
 def test_fda_beta_zero_returns_the_source():
     source, target = batches()
-    out = adapt.fda_source_to_target(source["image"], target["image"], 0.0)
+    out = adapt.fda.fda_source_to_target(source["image"], target["image"], 0.0)
     assert out.dtype == torch.float32 and torch.equal(out, source["image"].float())
 
 
 def test_fda_swaps_low_band_amplitude_and_keeps_source_phase():
     source, target = batches(h=24, w=40)
     beta = 0.125  # b = floor(24 * 0.125) = 3: frequencies |f| < 3 on both axes
-    out = adapt.fda_source_to_target(source["image"], target["image"], beta).double()
+    out = adapt.fda.fda_source_to_target(source["image"], target["image"], beta).double()
     spec_out, spec_s = torch.fft.fft2(out), torch.fft.fft2(source["image"].double())
     spec_t = torch.fft.fft2(target["image"].double())
     fy, fx = torch.fft.fftfreq(24, 1 / 24).abs(), torch.fft.fftfreq(40, 1 / 40).abs()
@@ -119,7 +121,7 @@ def test_entropy_loss_matches_the_formula():
     p = logits.softmax(1)
     ent = -(p * p.log()).sum(1) / math.log(C)
     expected = ((ent ** 2 + 1e-8) ** 2.0).mean()
-    assert torch.allclose(adapt.entropy_loss(logits, 2.0, 1e-8), expected)
+    assert torch.allclose(adapt.fda.entropy_loss(logits, 2.0, 1e-8), expected)
 
 
 def test_fda_entropy_switches_on_at_entropy_start():
@@ -141,7 +143,7 @@ def test_class_mix_mask_covers_exactly_the_chosen_classes_and_never_255():
     # image 3: nothing but 255 -> nothing chosen
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
-        masks = adapt.class_mix_masks(labels, C, 0.5, g)
+        masks = adapt.mixing.class_mix_masks(labels, C, 0.5, g)
         for label, mask, n in zip(labels, masks, (2, 5, 1, 0)):
             chosen = label[mask].unique()
             assert len(chosen) == math.ceil(n / 2)
@@ -151,18 +153,18 @@ def test_class_mix_mask_covers_exactly_the_chosen_classes_and_never_255():
 
 def test_class_mix_choice_varies_with_the_generator():
     labels = (torch.arange(200).view(1, 10, 20) % C).expand(3, -1, -1)
-    picks = {tuple(adapt.class_mix_masks(labels, C, 0.5, torch.Generator().manual_seed(s))[0, 0, :C].tolist())
+    picks = {tuple(adapt.mixing.class_mix_masks(labels, C, 0.5, torch.Generator().manual_seed(s))[0, 0, :C].tolist())
              for s in range(10)}
     assert len(picks) > 1
 
 
 def test_strong_augmentation_keeps_range_and_identity_when_off():
     images = torch.randint(0, 256, (3, 3, 20, 30)).float()
-    assert torch.allclose(adapt.color_jitter(images, 0.25, 0.0), images, atol=1e-3)
-    assert torch.allclose(adapt.gaussian_blur(images, [0.15, 1.15], 0.1, 0.0), images, atol=1e-4)
-    jittered = adapt.color_jitter(images, 0.25, 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(adapt.mixing.color_jitter(images, 0.25, 0.0), images, atol=1e-3)
+    assert torch.allclose(adapt.mixing.gaussian_blur(images, [0.15, 1.15], 0.1, 0.0), images, atol=1e-4)
+    jittered = adapt.mixing.color_jitter(images, 0.25, 1.0, torch.Generator().manual_seed(0))
     assert jittered.min() >= 0 and jittered.max() <= 255 and not torch.allclose(jittered, images)
-    blurred = adapt.gaussian_blur(images, [1.0, 1.0], 0.5, 1.0)
+    blurred = adapt.mixing.gaussian_blur(images, [1.0, 1.0], 0.5, 1.0)
     assert blurred.std() < images.std()  # a blur smooths
     assert torch.allclose(blurred.mean((2, 3)), images.mean((2, 3)), rtol=0.05)
 
@@ -218,7 +220,7 @@ def test_recipe_crops_make_different_sizes_mixable():
     _, target = batches(h=16, w=32)
     strategy.training_step(model, source, target, FakeContext())
     assert seen == [(2, 3, 16, 16)] * 3  # source, teacher on target, mixed: all 16x16 crops
-    crop = adapt._random_crop(source, [16, 8], __import__("random").Random(0))
+    crop = adapt.base.random_crop(source, [16, 8], __import__("random").Random(0))
     assert crop["image"].shape == (2, 3, 8, 16) and crop["label"].shape == (2, 8, 16)
     with pytest.raises(ValueError, match="adapt.crop"):
         adapt.build_strategy(from_dict({"adapt": {"name": "fda", "crop": [64, 64]},
@@ -265,16 +267,25 @@ def test_pseudo_label_thresholds_on_a_hand_built_confidence_map():
     conf1 = torch.linspace(0.905, 0.995, 10, dtype=torch.float64)
     confidence = torch.cat([conf0, conf1]).view(6, 10)
     pred = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(10, dtype=torch.long)]).view(6, 10)
-    hist = adapt.confidence_histogram(pred[None], confidence[None], 3, bins=100)
+    hist = pseudo_labels.confidence_histogram(pred[None], confidence[None], 3, bins=100)
     assert hist.sum() == 60 and hist[0].sum() == 50 and hist[2].sum() == 0
-    thresholds = adapt.class_thresholds(hist, 0.66, 0.9)
+    thresholds = pseudo_labels.class_thresholds(hist, 0.66, 0.9)
     assert torch.allclose(thresholds, torch.tensor([0.33, 0.9, 0.0], dtype=torch.float64))
-    labels = adapt.apply_thresholds(pred, confidence, thresholds)
+    labels = pseudo_labels.apply_thresholds(pred, confidence, thresholds)
     reference = pred.clone()  # FDA getSudoLabel_multi.py: label[(prob < thres[c]) & (label == c)] = 255
     for c, t in enumerate([conf0.sort().values[33].item(), 0.9, 0.0]):
         reference[(confidence < t) & (pred == c)] = 255
     assert torch.equal(labels, reference)
     assert (labels[pred == 0] != 255).sum() == 17 and (labels[pred == 1] != 255).all()
+
+
+def test_pseudo_labels_command_takes_the_old_spelling_too(capsys):
+    """`python -m rtda.adapt.pseudo_labels ...` and the old `adapt.py pseudo-labels ...` run the same command."""
+    args = ["--config", "missing.yaml", "--checkpoint", "missing.pt", "--out", "unused"]
+    assert pseudo_labels.main(args) == 1
+    assert pseudo_labels.main(["pseudo-labels", *args]) == 1
+    new, old = capsys.readouterr().err.splitlines()
+    assert new == old and new.startswith("error: ")
 
 
 # ----------------------------------------------------------------------------------------- adversarial
@@ -343,6 +354,58 @@ def test_unknown_strategy_names_the_choices():
         adapt.build_strategy(cfg, TinyNet())
 
 
+# ------------------------------------------------------------------------------- declared config keys
+def test_every_adapt_key_has_a_declared_reader_and_every_strategy_a_label():
+    fields = {f.name for f in dataclasses.fields(AdaptConfig)} - {"name"}
+    declared = set()
+    for name, strategy_class in adapt.STRATEGIES.items():
+        assert "label" in vars(strategy_class), f"{name}: {strategy_class.__name__} has no label of its own"
+        assert "keys" in vars(strategy_class), f"{name}: {strategy_class.__name__} declares no keys"
+        unknown = set(strategy_class.keys) - fields
+        assert not unknown, f"{name}: {strategy_class.__name__}.keys names {sorted(unknown)}, not AdaptConfig fields"
+        declared |= set(strategy_class.keys)
+    assert not fields - declared, f"AdaptConfig fields no strategy declares: {sorted(fields - declared)}"
+
+
+class KeyRecorder:
+    """An `adapt` section that records the names read from it."""
+
+    def __init__(self, section):
+        self._section, self.read = section, set()
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self._section, name)
+
+
+@pytest.mark.parametrize("name, keys, size, ssl", [
+    ("none", {}, (16, 32), False),
+    ("adversarial", {"multi_level": True}, (64, 64), False),
+    ("advent", {"multi_level": True, "gan": "ls"}, (64, 64), False),
+    ("minent", {"multi_level": True}, (16, 32), False),
+    ("fda", {"beta": 0.2, "crop": [16, 8]}, (16, 32), True),
+    ("dacs", {"crop": [16, 8], "fd_lambda": 0.005, "fd_classes": [1, 2]}, (16, 32), False),
+    ("mic", {"pseudo_ignore_top": 64}, (16, 32), False),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_strategy_reads_only_the_keys_it_declares(name, keys, size, ssl):
+    """Build, label, two training steps and an EMA update: every `adapt.*` key read is in the class's `keys`."""
+    cfg = make_cfg(name, **keys)
+    recorder = cfg.adapt = KeyRecorder(cfg.adapt)
+    model = TinyNet()
+    strategy = adapt.build_strategy(cfg, model)
+    strategy_class = type(strategy)
+    strategy_class.label(cfg.adapt)
+    strategy.self_supervised = ssl  # FDA's self-training round, without a pseudo-label folder
+    for iteration in range(2):
+        source, target = batches(h=size[0], w=size[1], seed=iteration)
+        if ssl:
+            target["label"] = source["label"]
+        strategy.training_step(model, source, target, FakeContext(iteration=iteration))
+        strategy.after_step(model, FakeContext(iteration=iteration))
+    undeclared = recorder.read - {"name"} - set(strategy_class.keys)
+    assert not undeclared, f"{strategy_class.__name__} reads adapt.{sorted(undeclared)} without declaring them"
+
+
 # ------------------------------------------------------------------------------ end to end (train.py)
 REPO = Path(__file__).resolve().parents[1]
 ADAPT_CONFIGS = sorted(p for p in (REPO / "configs" / "synthetic").glob("*.yaml")
@@ -390,7 +453,7 @@ def test_mbt_pseudo_labels_then_self_supervised_round(tiny_root, tmp_path):
     checkpoint = train(fda, work_dir=tmp_path / "runs") / "last.pt"
     out = tmp_path / "pseudo"
     ssl_config = REPO / "configs" / "synthetic" / "gta5_bisenet_fda_ssl.yaml"
-    assert adapt.main(["pseudo-labels", "--config", str(ssl_config), "--checkpoint", str(checkpoint),
+    assert pseudo_labels.main(["pseudo-labels", "--config", str(ssl_config), "--checkpoint", str(checkpoint),
                        str(checkpoint), "--out", str(out), *tiny(tiny_root)]) == 0
     files = sorted(out.glob("*/*.png"))
     assert len(files) == 8

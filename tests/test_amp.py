@@ -109,9 +109,9 @@ def test_fda_fft_runs_in_float32_under_autocast(dtype):
     g = torch.Generator().manual_seed(0)
     source = torch.randint(0, 256, (2, 3, 32, 48), dtype=torch.uint8, generator=g)
     target = torch.randint(0, 256, (2, 3, 32, 48), dtype=torch.uint8, generator=g)
-    expected = adapt.fda_source_to_target(source, target, 0.09)
+    expected = adapt.fda.fda_source_to_target(source, target, 0.09)
     with torch.autocast("cpu", dtype=dtype):
-        got = adapt.fda_source_to_target(source, target, 0.09)
+        got = adapt.fda.fda_source_to_target(source, target, 0.09)
     assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
@@ -124,14 +124,14 @@ def test_entropy_and_weighted_losses_are_float32_under_autocast(dtype):
     weight = torch.rand(2, 16, 24, generator=g)
     output = SegOutput(logits, {"aux": logits * 0.5})
     with torch.autocast("cpu", dtype=dtype):
-        ent = adapt.entropy_loss(logits, 2.0, 1e-8)
-        weighted = adapt.weighted_segmentation_loss(output, label, weight, 0.1)
-        seg = adapt.segmentation_loss(output, label, 0.1)
+        ent = adapt.fda.entropy_loss(logits, 2.0, 1e-8)
+        weighted = adapt.losses.segmentation_loss(output, label, 0.1, weight=weight)
+        seg = adapt.losses.segmentation_loss(output, label, 0.1)
     for value in (ent, weighted, seg):
         assert value.dtype == torch.float32 and value.isfinite()
-    assert torch.allclose(ent, adapt.entropy_loss(logits.float(), 2.0, 1e-8), rtol=1e-5)
-    assert torch.allclose(weighted, adapt.weighted_segmentation_loss(
-        SegOutput(logits.float(), {"aux": logits.float() * 0.5}), label, weight, 0.1), rtol=1e-4)
+    assert torch.allclose(ent, adapt.fda.entropy_loss(logits.float(), 2.0, 1e-8), rtol=1e-5)
+    assert torch.allclose(weighted, adapt.losses.segmentation_loss(
+        SegOutput(logits.float(), {"aux": logits.float() * 0.5}), label, 0.1, weight=weight), rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -17,6 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from rtda import adapt
+from rtda.adapt import pseudo_labels
 from rtda.config import ConfigError, from_dict, load_config
 from rtda.engine import StepContext, poly_schedule
 from rtda.models.base import SegOutput
@@ -264,7 +265,7 @@ def test_pseudo_labels_are_predicted_in_float32_under_an_amp_config(cityscapes_r
         cfg = from_dict({"data": {"target": {"name": "cityscapes", "root": str(cityscapes_root), "split": "train",
                                              "size": [128, 64]}},
                          "train": {"amp": amp, "workers": 0}, "model": {"num_classes": 19}})
-        adapt.write_pseudo_labels(cfg, ["unused.pt"], out)
+        pseudo_labels.write_pseudo_labels(cfg, ["unused.pt"], out)
         return {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*/*.png"))}
 
     under_amp = labels("bf16", tmp_path / "bf16")
@@ -283,7 +284,7 @@ def test_class_mix_counts_255_as_a_class_only_when_asked():
     seen_255 = 0
     for seed in range(40):
         for as_class, k in ((True, 3), (False, 2)):
-            mask = adapt.class_mix_masks(label, 19, 0.5, torch.Generator().manual_seed(seed), ignore_as_class=as_class)
+            mask = adapt.mixing.class_mix_masks(label, 19, 0.5, torch.Generator().manual_seed(seed), ignore_as_class=as_class)
             chosen = set(label[mask].tolist())
             assert len(chosen) == k, (as_class, chosen)
             assert mask.eq(torch.isin(label, torch.tensor(sorted(chosen)))).all()  # whole classes only
@@ -297,7 +298,7 @@ def test_class_mix_counts_255_as_a_class_only_when_asked():
 def test_class_mix_default_keeps_its_random_stream():
     """ignore_as_class=False draws exactly what the function drew before the option existed."""
     label = torch.tensor([[0, 3, 5, 255], [7, 7, 2, 255]]).reshape(2, 1, 4)
-    masks = adapt.class_mix_masks(label, 19, 0.5, torch.Generator().manual_seed(3))
+    masks = adapt.mixing.class_mix_masks(label, 19, 0.5, torch.Generator().manual_seed(3))
     scores = torch.rand(2, 19, generator=torch.Generator().manual_seed(3))
     for b, present in enumerate(([0, 3, 5], [2, 7])):
         ranked = sorted(present, key=lambda c: float(scores[b, c]))[:math.ceil(len(present) / 2)]
@@ -306,13 +307,13 @@ def test_class_mix_default_keeps_its_random_stream():
 
 def test_dacs_strategy_passes_mix_ignore_as_class(monkeypatch):
     calls = []
-    real = adapt.class_mix_masks
+    real = adapt.mixing.class_mix_masks
 
     def recording(labels, num_classes, fraction, generator=None, ignore_as_class=False):
         calls.append(ignore_as_class)
         return real(labels, num_classes, fraction, generator, ignore_as_class)
 
-    monkeypatch.setattr(adapt, "class_mix_masks", recording)
+    monkeypatch.setattr(adapt.mixing, "class_mix_masks", recording)
     cfg = from_dict({"model": {"num_classes": 19}, "adapt": {"name": "dacs", "mix_ignore_as_class": True},
                      "data": {"source": {"size": [32, 16]}, "target": {"size": [32, 16]}}})
     model = TinySeg()

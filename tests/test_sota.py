@@ -37,16 +37,16 @@ def test_self_information_and_entropy_maps_on_hand_made_probabilities():
     probs[0, :, 0, 0] = 0.25                          # uniform: each class 1/4 of the entropy, entropy 1
     probs[0, 2, 0, 1] = 1.0                           # certain: 0 everywhere (0 log 0 = 0)
     probs[0, :2, 0, 2] = torch.tensor([0.5, 0.5])     # two classes of four: entropy 1 bit of 2
-    info = adapt.self_information(probs)
+    info = adapt.losses.self_information(probs)
     assert torch.allclose(info[0, :, 0, 0], torch.full((4,), 0.25))
     assert torch.equal(info[0, :, 0, 1], torch.zeros(4))
     assert torch.allclose(info[0, :, 0, 2], torch.tensor([0.25, 0.25, 0.0, 0.0]))
-    assert torch.allclose(adapt.entropy_map(probs), torch.tensor([[[1.0, 0.0, 0.5]]]))
+    assert torch.allclose(adapt.losses.entropy_map(probs), torch.tensor([[[1.0, 0.0, 0.5]]]))
     # ADVENT's entropy_loss: -sum(p log2 p) / (N H W log2 C) is the mean of the entropy map
     p = torch.randn(2, C, 5, 7).softmax(1)
     advent_loss = -(p * torch.log2(p + 1e-30)).sum() / (2 * 5 * 7 * math.log2(C))
-    assert torch.allclose(adapt.entropy_map(p).mean(), advent_loss)
-    assert torch.allclose(adapt.self_information(p), -p * torch.log2(p + 1e-30) / math.log2(C))
+    assert torch.allclose(adapt.losses.entropy_map(p).mean(), advent_loss)
+    assert torch.allclose(adapt.losses.self_information(p), -p * torch.log2(p + 1e-30) / math.log2(C))
 
 
 @pytest.mark.parametrize("multi_level", [True, False])
@@ -110,30 +110,41 @@ def test_advent_discriminators_see_self_information_and_losses_reach_their_netwo
 
 # --------------------------------------------------------------------------------------------- DAFormer
 def test_protocol_rows_and_pseudo_weight_map():
-    assert [adapt.protocol_pixels(v, 512) for v in (15, 120, 64)] == [15, 120, 64]
-    assert [adapt.protocol_pixels(v, 128) for v in (15, 120, 64)] == [4, 30, 16]  # synthetic 256x128
-    assert [adapt.protocol_pixels(v, 1024) for v in (15, 120, 64)] == [30, 240, 128]  # full-resolution Cityscapes
-    weight = adapt.pseudo_weight_map(torch.tensor(0.6), (2, 10, 3), 2, 3)
+    assert [adapt.daformer.protocol_pixels(v, 512) for v in (15, 120, 64)] == [15, 120, 64]
+    assert [adapt.daformer.protocol_pixels(v, 128) for v in (15, 120, 64)] == [4, 30, 16]  # synthetic 256x128
+    assert [adapt.daformer.protocol_pixels(v, 1024) for v in (15, 120, 64)] == [30, 240, 128]  # full-resolution Cityscapes
+    weight = adapt.daformer.pseudo_weight_map(torch.tensor(0.6), (2, 10, 3), 2, 3)
     expected = torch.full((2, 10, 3), 0.6)
     expected[:, :2] = 0
     expected[:, 7:] = 0
     assert torch.equal(weight, expected)
-    assert torch.equal(adapt.pseudo_weight_map(torch.tensor(0.6), (1, 4, 2), 0, 0), torch.full((1, 4, 2), 0.6))
+    assert torch.equal(adapt.daformer.pseudo_weight_map(torch.tensor(0.6), (1, 4, 2), 0, 0), torch.full((1, 4, 2), 0.6))
+
+
+def record_weighted_losses(monkeypatch, seen: list) -> None:
+    """Record (label, weight) of each pixel-weighted segmentation loss that DACS and MIC compute."""
+    real = adapt.losses.segmentation_loss
+
+    def recording(out, label, aux_weight, weight=None):
+        if weight is not None:
+            seen.append((label, weight))
+        return real(out, label, aux_weight, weight=weight)
+
+    for module in (adapt.dacs, adapt.mic):
+        monkeypatch.setattr(module, "segmentation_loss", recording)
 
 
 def test_dacs_zeroes_the_target_weight_in_the_ignored_rows(monkeypatch):
     seen = []
-    loss_fn = adapt.weighted_segmentation_loss
-    monkeypatch.setattr(adapt, "weighted_segmentation_loss",
-                        lambda out, label, weight, aux: seen.append((label, weight)) or loss_fn(out, label, weight, aux))
+    record_weighted_losses(monkeypatch, seen)
     model = TinyNet()
     # target 16 rows high: 64 / 128 rows of a 512-row target are 2 / 4 rows here
     strategy = adapt.build_strategy(make_cfg("dacs", pseudo_ignore_top=64, pseudo_ignore_bottom=128), model)
     assert strategy.ignore_rows == (2, 4)
     source, target = batches()
     masks = []
-    class_mix = adapt.class_mix_masks
-    monkeypatch.setattr(adapt, "class_mix_masks", lambda *a: masks.append(class_mix(*a)) or masks[-1])
+    class_mix = adapt.mixing.class_mix_masks
+    monkeypatch.setattr(adapt.mixing, "class_mix_masks", lambda *a: masks.append(class_mix(*a)) or masks[-1])
     losses = strategy.training_step(model, source, target, FakeContext())
     (_, weight), mask = seen[0], masks[0]
     target_part = ~mask
@@ -160,21 +171,21 @@ def test_fd_class_mask_on_a_hand_made_label():
     label[0, 4:8, 8:12] = 11
     label[0, 7, 8:12] = 255                        # cell (1, 2): 12/16 person with 4/16 ignore -> kept
     things = torch.tensor([11, 13])
-    mask = adapt.fd_class_mask(label, (2, 3), things, 0.75, 19)
+    mask = adapt.daformer.fd_class_mask(label, (2, 3), things, 0.75, 19)
     assert mask.tolist() == [[[True, True, False], [False, False, True]]]
     # the same through DAFormer's recipe: one-hot (ignore as class 19), 4x4 average pool, majority and its share
     one_hot = F.one_hot(torch.where(label == 255, 19, label), 20).permute(0, 3, 1, 2).float()
     ratio, majority = F.avg_pool2d(one_hot, 4).max(1)
     assert torch.equal(mask, (ratio >= 0.75) & torch.isin(majority, things))
-    assert adapt.fd_class_mask(label[:, :7, :11], (2, 3), things, 0.75, 19).shape == (1, 2, 3)  # not a multiple
+    assert adapt.daformer.fd_class_mask(label[:, :7, :11], (2, 3), things, 0.75, 19).shape == (1, 2, 3)  # not a multiple
 
 
 def test_feature_distance_is_the_mean_l2_over_masked_cells():
     f1, f2 = torch.randn(2, 6, 3, 4), torch.randn(2, 6, 3, 4)
     mask = torch.rand(2, 3, 4) > 0.5
     expected = (f1 - f2).pow(2).sum(1).sqrt()[mask].mean()
-    assert torch.allclose(adapt.feature_distance(f1, f2, mask), expected)
-    assert adapt.feature_distance(f1, f2, torch.zeros(2, 3, 4, dtype=torch.bool)) == 0  # DAFormer: NaN
+    assert torch.allclose(adapt.daformer.feature_distance(f1, f2, mask), expected)
+    assert adapt.daformer.feature_distance(f1, f2, torch.zeros(2, 3, 4, dtype=torch.bool)) == 0  # DAFormer: NaN
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +246,7 @@ def test_feature_distance_is_skipped_with_one_message_without_pretrained_weights
 # ------------------------------------------------------------------------------------------------- MIC
 def test_block_mask_patch_grid_and_ratio():
     g = torch.Generator().manual_seed(0)
-    keep = adapt.block_mask((3, 128, 256), 64, 0.7, generator=g)
+    keep = adapt.mixing.block_mask((3, 128, 256), 64, 0.7, generator=g)
     assert keep.shape == (3, 1, 128, 256) and set(keep.unique().tolist()) <= {0.0, 1.0}
     blocks = keep.view(3, 2, 64, 4, 64)  # a 2 x 4 grid of 64 px patches, each all kept or all masked
     assert torch.equal(blocks.amax((2, 4)), blocks.amin((2, 4)))
@@ -243,10 +254,10 @@ def test_block_mask_patch_grid_and_ratio():
     draws = torch.rand(3, 1, 2, 4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(blocks[:, :, 0, :, 0], (draws[:, 0] > 0.7).float())
     # over many patches 70% are masked
-    many = adapt.block_mask((16, 512, 512), 8, 0.7, generator=torch.Generator().manual_seed(1))
+    many = adapt.mixing.block_mask((16, 512, 512), 8, 0.7, generator=torch.Generator().manual_seed(1))
     assert abs(1 - many.mean().item() - 0.7) < 0.005
     # MIC's grid is round(H / block): 100 rows at 64 px -> 2 patch rows of 50 px
-    rows = adapt.block_mask((1, 100, 64), 64, 0.5, generator=torch.Generator().manual_seed(2))[0, 0, :, 0]
+    rows = adapt.mixing.block_mask((1, 100, 64), 64, 0.5, generator=torch.Generator().manual_seed(2))[0, 0, :, 0]
     assert len(torch.unique_consecutive(rows)) <= 2 and torch.equal(rows[:50], rows[:1].expand(50))
 
 
@@ -256,16 +267,14 @@ def test_zero_pixel_is_what_the_input_norm_maps_to_zero():
     for mode in ("imagenet", "caffe"):
         model = torch.nn.Module()
         model.input_norm = InputNorm(mode)
-        pixel = adapt.zero_pixel(model).view(1, 3, 1, 1)
+        pixel = adapt.mic.zero_pixel(model).view(1, 3, 1, 1)
         assert torch.allclose(model.input_norm(pixel.expand(1, 3, 2, 2)), torch.zeros(1, 3, 2, 2), atol=1e-5)
-    assert torch.equal(adapt.zero_pixel(TinyNet()), torch.zeros(3))
+    assert torch.equal(adapt.mic.zero_pixel(TinyNet()), torch.zeros(3))
 
 
 def test_mic_learns_teacher_pseudo_labels_on_masked_target(monkeypatch):
     calls, inputs = [], []
-    loss_fn = adapt.weighted_segmentation_loss
-    monkeypatch.setattr(adapt, "weighted_segmentation_loss",
-                        lambda out, label, weight, aux: calls.append((label, weight)) or loss_fn(out, label, weight, aux))
+    record_weighted_losses(monkeypatch, calls)
     torch.manual_seed(0)
     model = TinyNet()
     model.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach().clone()))
@@ -285,7 +294,7 @@ def test_mic_learns_teacher_pseudo_labels_on_masked_target(monkeypatch):
         teacher_logits = strategy.teacher(target["image"]).logits
         pseudo = F.interpolate(teacher_logits, size=(16, 32), mode="bilinear", align_corners=False).argmax(1)
     assert torch.equal(masked_label, pseudo)
-    expected_weight = adapt.pseudo_weight_map(losses["pseudo_weight"], (2, 16, 32), 2, 2)
+    expected_weight = adapt.daformer.pseudo_weight_map(losses["pseudo_weight"], (2, 16, 32), 2, 2)
     assert torch.equal(masked_weight, expected_weight)
     zero = (masked_image == 0).all(1)  # TinyNet normalises x / 255: the masked pixel is black
     blocks = zero.view(2, 8, 2, 16, 2)
