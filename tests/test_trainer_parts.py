@@ -152,10 +152,9 @@ def test_adamw_for_the_daformer_recipes():
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
-    from rtda.config import from_dict
+    from rtda import runs
 
-    monkeypatch.setattr(train.time, "strftime", lambda fmt: "20261202-010203")
-    cfg = from_dict({"name": "gta5_bisenet"})
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20261202-010203")
     (tmp_path / "gta5_bisenet" / "20261202-010203").mkdir(parents=True)  # taken, as by another process
-    dirs = [train.new_run_dir(tmp_path, cfg) for _ in range(2)]
+    dirs = [runs.new_run_dir(tmp_path, "gta5_bisenet") for _ in range(2)]
     assert [d.name for d in dirs] == ["20261202-010203-1", "20261202-010203-2"] and all(d.is_dir() for d in dirs)
