@@ -5,7 +5,7 @@
 """
 import sys
 
-from rtda.engine import main
+from rtda.engine.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -215,7 +215,7 @@ def write_gta5_form(root: Path, form: str, count: int = 4, seed: int = 0, height
 
 def straight_and_resumed(cfg, tmp_path: Path, monkeypatch) -> tuple[dict, dict]:
     """last.pt of `cfg` trained straight through, and of the same run resumed from its iteration-2 last.pt."""
-    import rtda.engine
+    import rtda.engine.checkpoint
     from rtda.engine import train
     from rtda.utils.files import load_checkpoint, save_checkpoint
 
@@ -227,7 +227,7 @@ def straight_and_resumed(cfg, tmp_path: Path, monkeypatch) -> tuple[dict, dict]:
         if state["iteration"] == 2 and Path(path).name == "last.pt":
             save(state, halfway)
 
-    monkeypatch.setattr(rtda.engine, "save_checkpoint", save_and_keep_halfway)
+    monkeypatch.setattr(rtda.engine.checkpoint, "save_checkpoint", save_and_keep_halfway)
     straight = load_checkpoint(train(cfg, work_dir=tmp_path / "straight") / "last.pt")
     assert halfway.is_file()
     resumed = load_checkpoint(train(cfg, work_dir=tmp_path / "resumed", resume=str(halfway)) / "last.pt")

@@ -306,7 +306,7 @@ def test_every_strategy_trains_under_cpu_autocast(name, amp, amp_root, pseudo_la
         dtypes.append(dtype)
         return real_autocast(device, dtype)
 
-    monkeypatch.setattr(train, "autocast", recording_autocast)
+    monkeypatch.setattr(train.context, "autocast", recording_autocast)
     extra = {"data.target.pseudo_labels": pseudo_labels} if name.endswith("_ssl") else {}
     cfg = load_config(SYNTHETIC / f"{name}.yaml", tiny(amp_root, amp, **extra))
     run_dir = train.train(cfg, work_dir=tmp_path)  # raises TrainingDiverged on a non-finite loss or weight

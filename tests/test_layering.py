@@ -1,6 +1,6 @@
 """The import graph flows one way inside `rtda`, and the root scripts sit on top of it:
 
-    config, utils  <-  datasets, models  <-  evaluation, adapt  <-  engine, runs  <-  bench, experiments
+    config, utils  <-  datasets, models, runs  <-  evaluation, adapt  <-  engine  <-  bench, experiments
 
 Every import counts, a lazy one inside a function too: a strategy that imported the trainer on first use
 would still sit below what it drives. A unit is a subpackage or module of `rtda` (rtda/adapt/, rtda/runs.py).
@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "rtda"
-LAYER = {"config": 0, "utils": 0, "datasets": 1, "models": 1, "evaluation": 2, "adapt": 2, "engine": 3, "runs": 3,
+LAYER = {"config": 0, "utils": 0, "datasets": 1, "models": 1, "evaluation": 2, "adapt": 2, "engine": 3, "runs": 1,
          "bench": 4, "experiments": 4}
 
 

@@ -152,10 +152,37 @@ def test_adamw_for_the_daformer_recipes():
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
-    from rtda.config import from_dict
+    from rtda import runs
 
-    monkeypatch.setattr(train.time, "strftime", lambda fmt: "20261202-010203")
-    cfg = from_dict({"name": "gta5_bisenet"})
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20261202-010203")
     (tmp_path / "gta5_bisenet" / "20261202-010203").mkdir(parents=True)  # taken, as by another process
-    dirs = [train.new_run_dir(tmp_path, cfg) for _ in range(2)]
+    dirs = [runs.new_run_dir(tmp_path, "gta5_bisenet") for _ in range(2)]
     assert [d.name for d in dirs] == ["20261202-010203-1", "20261202-010203-2"] and all(d.is_dir() for d in dirs)
+
+
+def test_snapshot_names_round_trip_through_the_run_format(tmp_path):
+    from rtda import runs
+
+    paths = [runs.snapshot_path(tmp_path, it) for it in (1000, 20, 300)]
+    assert paths[1] == tmp_path / "snapshots" / "iter_0000020.pt"
+    for path in paths:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")
+    (tmp_path / "snapshots" / "notes.pt").write_bytes(b"")  # not a snapshot name: ignored
+    assert runs.snapshots(tmp_path) == [(20, paths[1]), (300, paths[2]), (1000, paths[0])]
+    assert runs.snapshot_iteration(paths[0]) == 1000 and runs.snapshot_iteration(tmp_path / "last.pt") is None
+
+
+def test_resume_auto_looks_at_the_newest_run_only(tmp_path):
+    from rtda import runs
+
+    assert runs.newest_unfinished_run(tmp_path, "cfg") == (None, f"no run of cfg in {tmp_path}")
+    old, new = tmp_path / "cfg" / "20261201-000000", tmp_path / "cfg" / "20261202-000000"
+    for run in (old, new):
+        run.mkdir(parents=True)
+        (run / "last.pt").write_bytes(b"")
+    assert runs.newest_unfinished_run(tmp_path, "cfg") == (new / "last.pt", "")
+    runs.write_metrics(new, {"iterations": 2})
+    last, reason = runs.newest_unfinished_run(tmp_path, "cfg")
+    assert last is None and reason.startswith(f"the newest run {new} is finished")
+    assert runs.read_metrics(new) == {"iterations": 2}
