@@ -16,6 +16,7 @@ import torch
 
 from rtda.config import Config, ConfigError, load_config
 from rtda.datasets.labels import IGNORE_INDEX
+from rtda.utils.distributed import Distributed
 
 OLD_COMMAND = "pseudo-labels"  # `python adapt.py pseudo-labels ...`, the spelling before rtda/
 
@@ -86,15 +87,13 @@ def _target_predictions(cfg: Config, checkpoints: list[str], device: torch.devic
     of it, from the mean softmax of `checkpoints`; each call predicts the whole set again."""
     import dataclasses
 
-    from torch.utils.data import DataLoader
-
     from rtda.datasets import build_dataset
+    from rtda.datasets.loaders import val_loader
     from rtda.evaluation import load_models, predict_probs
 
     images_only = dataclasses.replace(cfg.data.target, pseudo_labels=None)
     dataset = build_dataset(images_only, cfg, "target")
-    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.train.workers,
-                        pin_memory=device.type == "cuda")
+    loader = val_loader(dataset, cfg, Distributed(device=device))  # one process: every image, in order
     models = load_models(cfg, checkpoints, device)
 
     def predictions():

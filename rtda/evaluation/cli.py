@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from rtda.config import Config, ConfigError, load_config
 from rtda.datasets.io import DatasetError
 from rtda.datasets.labels import CLASS_NAMES
-from rtda.datasets.samplers import ShardSampler
+from rtda.datasets.loaders import val_loader
 from rtda.evaluation.inference import Inference, evaluate, load_models
 from rtda.evaluation.metrics import iou_table, metrics_from_confusion, save_confusion_plot
 from rtda.evaluation.predict import VIDEO_SUFFIXES, Predictor, is_video, predict_folder, predict_video
@@ -32,7 +31,6 @@ from rtda.evaluation.visual import PREDICTION_FORMATS, prediction_image
 from rtda.models.export import ExportError
 from rtda.utils.distributed import close_distributed, init_distributed
 from rtda.utils.files import CheckpointError, output_folder_problem
-from rtda.utils.seed import init_worker
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 
@@ -120,9 +118,7 @@ def _main_score(args, cfg: Config, inference: Inference) -> int:
     from rtda.datasets import build_dataset
 
     val_set = build_dataset(cfg.data.val, cfg, "val")
-    loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, num_workers=cfg.train.workers,
-                        sampler=ShardSampler(len(val_set), dist.rank, dist.world_size),
-                        pin_memory=dist.device.type == "cuda", worker_init_fn=init_worker)
+    loader = val_loader(val_set, cfg, dist)
     header = (f"{cfg.name}: {len(val_set)} validation images, labels at "
               f"{'their original size' if cfg.eval.label_size == 'full' else 'the configured size'}; "
               f"{inference.describe()}")

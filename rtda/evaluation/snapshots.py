@@ -5,17 +5,15 @@ scored on the same loader, in iteration order.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
+from rtda import runs
 from rtda.config import Config
 from rtda.evaluation.inference import Inference, evaluate, load_model
 from rtda.evaluation.metrics import metrics_from_confusion
 from rtda.utils.files import CheckpointError
-
-SNAPSHOT = re.compile(r"^iter_(\d+)\.pt$")
 
 
 def run_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
@@ -23,16 +21,9 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: run folder not found")
-    found = []
-    snapshots = run_dir / "snapshots"
-    if snapshots.is_dir():
-        for path in snapshots.iterdir():
-            match = SNAPSHOT.match(path.name)
-            if match and path.is_file():
-                found.append((int(match.group(1)), path))
-    found.sort()
-    if (run_dir / "last.pt").is_file():
-        found.append((None, run_dir / "last.pt"))  # its iteration is read from the file
+    found: list[tuple[int | None, Path]] = list(runs.snapshots(run_dir))
+    if (run_dir / runs.LAST).is_file():
+        found.append((None, run_dir / runs.LAST))  # its iteration is read from the file
     if not found:
         raise FileNotFoundError(f"{run_dir}: no snapshots/iter_NNNNNNN.pt and no last.pt (train with "
                                 "train.keep_every=N to keep a snapshot every N iterations)")
