@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rtda.bench.common import BenchmarkError, build_model, model_label, without_pretrained
+from rtda.bench.common import BenchmarkError, model_label, without_pretrained
 from rtda.config import Config, load_config
 from rtda.utils.env import environment
 
@@ -31,52 +31,38 @@ def random_batch(size_hw: tuple[int, int], batch: int, num_classes: int, device:
     return out
 
 
-def benchmark_train_step(cfg: Config, device: torch.device, iters: int, warmup: int,
-                         size: tuple[int, int] | None = None, batch_size: int | None = None,
-                         source: str = "config") -> dict:
-    """Time full training steps of `cfg` (its strategy included) on random batches of the protocol size.
+def _at_size(cfg: Config, size: tuple[int, int] | None) -> Config:
+    """`cfg` with both the source and target sizes set to `size` (H, W), the recipe's crop capped to it."""
+    if size is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)  # strategies read the sizes too (DACS checks that source and target agree)
+    cfg.data.source.size = cfg.data.target.size = [size[1], size[0]]
+    if cfg.adapt.crop is not None:  # a recipe's crop cannot be larger than the images
+        cfg.adapt.crop = [min(cfg.adapt.crop[0], size[1]), min(cfg.adapt.crop[1], size[0])]
+    return cfg
 
-    Built from train.py's pieces (optimiser, poly schedule, AMP scaler, StepContext) and adapt.build_strategy,
-    so what is timed is what training runs. `size` (H, W) replaces both the source and target sizes.
-    """
-    from rtda import engine as train
-    from rtda.adapt import build_strategy
-    from rtda.utils.amp import autocast_dtype
-    from rtda.utils.seed import seed_everything
 
-    if size is not None:  # strategies read the sizes too (DACS checks that source and target agree)
-        cfg = copy.deepcopy(cfg)
-        cfg.data.source.size = cfg.data.target.size = [size[1], size[0]]
-        if cfg.adapt.crop is not None:  # a recipe's crop cannot be larger than the images
-            cfg.adapt.crop = [min(cfg.adapt.crop[0], size[1]), min(cfg.adapt.crop[1], size[0])]
-    env = environment(device)  # the load before this process adds its own
-    t = cfg.train
-    seed_everything(cfg.seed, t.deterministic)  # as train.py does (it also sets cuDNN autotuning)
-    batch = batch_size or t.batch_size
-    src_hw = (cfg.data.source.size[1], cfg.data.source.size[0])  # config sizes are [W, H]
-    tgt_hw = (cfg.data.target.size[1], cfg.data.target.size[0])
-    model = build_model(without_pretrained(cfg.model), source).to(device).train()
+def _build_parts(cfg: Config, device: torch.device, total: int, source: str):
+    """The trainer's own set-up (`rtda.engine.build_parts`: optimiser, poly schedule, AMP scaler, gradient
+    accumulation) for one process on `device`, without loading pretrained weights."""
+    from rtda.engine import build_parts
+    from rtda.utils.distributed import Distributed
+
     try:
-        strategy = build_strategy(cfg, model).to(device)
-    except ValueError as exc:
+        return build_parts(dataclasses.replace(cfg, model=without_pretrained(cfg.model)), Distributed(device=device),
+                           total)
+    except ValueError as exc:  # a strategy refusing the config, one line
         raise BenchmarkError(f"{source}: {exc}") from None
-    optimizer = train.build_optimizer(model, cfg)
-    total = warmup + iters
-    lr_factor = train.poly_schedule(total, t.poly_power, t.warmup_iters)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    amp_dtype = autocast_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ctx = train.StepContext(total, device, amp_dtype, scaler, lr_factor)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    src = random_batch(src_hw, batch, cfg.model.num_classes, device, True, gen)
-    tgt = (random_batch(tgt_hw, batch, cfg.model.num_classes, device, cfg.data.target.pseudo_labels is not None, gen)
-           if strategy.needs_target else None)  # pseudo-labelled target (FDA's SSL round): labels too
+
+
+def _time_steps(parts, src: dict, tgt: dict | None, warmup: int, iters: int, device: torch.device) -> float:
+    """Seconds per training step (the trainer's own `train_step`) over `iters` steps after `warmup` untimed ones."""
+    from rtda.engine import train_step
 
     def steps(first: int, count: int) -> None:
-        # train.py's own step (no host sync: losses stay on the device).
-        for it in range(first, first + count):
-            ctx.iteration = it
-            train.train_step(model, strategy, optimizer, scheduler, src, tgt, ctx)
+        for it in range(first, first + count):  # no host sync: losses stay on the device
+            parts.ctx.iteration = it
+            train_step(parts.train_model, parts.strategy, parts.optimizer, parts.scheduler, src, tgt, parts.ctx)
 
     steps(0, warmup)
     if device.type == "cuda":
@@ -86,7 +72,32 @@ def benchmark_train_step(cfg: Config, device: torch.device, iters: int, warmup: 
     steps(warmup, iters)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    step_s = (time.perf_counter() - start) / iters
+    return (time.perf_counter() - start) / iters
+
+
+def benchmark_train_step(cfg: Config, device: torch.device, iters: int, warmup: int,
+                         size: tuple[int, int] | None = None, batch_size: int | None = None,
+                         source: str = "config") -> dict:
+    """Time full training steps of `cfg` (its strategy included) on random batches of the protocol size.
+
+    Built by the trainer's own set-up function, so what is timed is what training runs. `size` (H, W) replaces
+    both the source and target sizes. Returns one JSON-able dict (step time, images/s, peak memory, ...).
+    """
+    from rtda.utils.seed import seed_everything
+
+    cfg = _at_size(cfg, size)
+    env = environment(device)  # the load before this process adds its own
+    seed_everything(cfg.seed, cfg.train.deterministic)  # as train.py does (it also sets cuDNN autotuning)
+    batch = batch_size or cfg.train.batch_size
+    src_hw = (cfg.data.source.size[1], cfg.data.source.size[0])  # config sizes are [W, H]
+    tgt_hw = (cfg.data.target.size[1], cfg.data.target.size[0])
+    parts = _build_parts(cfg, device, warmup + iters, source)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    src = random_batch(src_hw, batch, cfg.model.num_classes, device, True, gen)
+    tgt = (random_batch(tgt_hw, batch, cfg.model.num_classes, device, cfg.data.target.pseudo_labels is not None, gen)
+           if parts.strategy.needs_target else None)  # pseudo-labelled target (FDA's SSL round): labels too
+    step_s = _time_steps(parts, src, tgt, warmup, iters, device)
+    amp_dtype = parts.ctx.amp_dtype
     return {"config": source, "config_name": cfg.name, "model_label": model_label(cfg.model),
             "model": dataclasses.asdict(cfg.model), "adapt": cfg.adapt.name, "batch_size": batch,
             "source_size": list(src_hw), "target_size": list(tgt_hw) if tgt is not None else None,
