@@ -163,6 +163,54 @@ def test_train_step_cost_with_a_target_domain_strategy():
     assert r["peak_memory_bytes"] > 0 and r["amp"] == "none"  # CPU trains in float32
 
 
+# ------------------------------------------------------------------------------------------ subcommands
+OWN_OPTIONS = {"model": "--forms", "train-step": "untimed steps", "data": "--workers", "tables": "--plot-form",
+               "gpu-check": "--tiny", "adaptation-table": "--seeds", "step-cost": "--rounds",
+               "pretrain-synthetic": "FILE.pt"}
+
+
+@pytest.mark.parametrize("name", list(OWN_OPTIONS))
+def test_each_subcommand_help_lists_only_its_own_options(name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main([name, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: benchmark.py {name}") and OWN_OPTIONS[name] in text
+    assert not [option for other, option in OWN_OPTIONS.items() if other != name and option in text]
+
+
+def test_top_level_help_lists_the_subcommands_and_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in OWN_OPTIONS) and "Exit codes" in text
+
+
+def test_the_old_spelling_and_the_subcommand_print_the_same_tables(runs_dir, capsys):
+    assert benchmark.main(["--runs", str(runs_dir), "--format", "csv", "--table", "domain-shift"]) == 0
+    old = capsys.readouterr()
+    assert benchmark.main(["tables", "--runs", str(runs_dir), "--format", "csv", "--table", "domain-shift"]) == 0
+    new = capsys.readouterr()
+    assert (new.out, new.err) == (old.out, old.err) and "domain-shift" in new.out
+
+
+def test_model_subcommand_gives_the_model_report(tmp_path, capsys):
+    path = tmp_path / "bisenet.yaml"
+    path.write_text("model: {name: bisenet, backbone: resnet18}\n")
+    assert benchmark.main(["model", "--config", str(path), "--size", "64x128", "--iters", "1", "--warmup", "0",
+                           "--device", "cpu", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["size"] == [64, 128] and r["latency"]["eager"]["iters"] == 1
+    assert benchmark.main(["model", "--config", str(path), "--size", "512by1024"]) == 2  # its errors: exit 2
+    assert "512by1024" in capsys.readouterr().err
+
+
+def test_options_of_another_subcommand_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main(["tables", "--runs", str(tmp_path), "--tiny"])
+    assert stop.value.code == 2 and "--tiny" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("text", ["512", "512x", "x1024", "512*1024", "0x10", "-5x10", "a x b"])
 def test_parse_size_rejects_what_is_not_hxw(text):
