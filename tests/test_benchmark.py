@@ -50,12 +50,34 @@ def test_count_parameters_separates_trainable_and_what_inference_uses():
     assert model.training  # restored
 
 
-def test_count_flops_is_fvcore_macs_and_lists_skipped_ops():
+def test_count_flops_counts_two_flops_per_multiply_add_and_cross_checks_fvcore():
     flops = complexity.count_flops(TinySeg(), torch.zeros(1, 3, 16, 16))
-    macs = 3 * 8 * 9 * 16 * 16 + 8 * 4 * 16 * 16  # stem + head, one multiply-add = one flop
-    assert flops["macs"] == macs
-    assert flops["by_operator"] == {"conv": macs}
-    assert any("add" in op for op in flops["skipped_ops"])
+    macs = 3 * 8 * 9 * 16 * 16 + 8 * 4 * 16 * 16  # stem + head, one multiply-add each
+    assert flops["flops"] == 2 * macs and flops["macs"] == macs
+    assert flops["by_operator"] == {"convolution": 2 * macs}
+    assert "FlopCounterMode" in flops["convention"] and "2 flops per multiply-add" in flops["convention"]
+    fvcore = flops["fvcore"]  # the optional cross-check: the same MACs, and the ops fvcore could not count
+    assert fvcore["macs"] == macs and fvcore["by_operator"] == {"conv": macs}
+    assert any("add" in op for op in fvcore["skipped_ops"])
+
+
+def test_without_fvcore_the_count_says_how_to_get_the_cross_check(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_fvcore(name, *args, **kwargs):
+        if name.startswith("fvcore"):
+            raise ImportError("No module named 'fvcore'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fvcore)
+    flops = complexity.count_flops(TinySeg(), torch.zeros(1, 3, 16, 16))
+    assert flops["fvcore"] is None and flops["macs"] > 0 and "pip install fvcore" in flops["fvcore_note"]
+    from rtda.bench.model_cost import _print_fvcore
+
+    _print_fvcore(flops)
+    assert capsys.readouterr().out.strip().splitlines() == [flops["fvcore_note"]]
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -150,7 +172,7 @@ def test_model_benchmark_end_to_end_json(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     p = r["params"]
     assert p["trainable"] == p["total"] > p["inference"] > p["deploy"]  # aux heads unused; BN folded
-    assert r["flops"]["macs"] > 0 and r["flops"]["skipped_ops"]
+    assert r["flops"]["macs"] > 0 and r["flops"]["fvcore"]["skipped_ops"]
     assert r["size"] == [64, 128] and r["threads"] >= 1 and r["torch"] == torch.__version__
     assert r["latency"]["eager"]["iters"] == r["latency"]["deploy"]["iters"] == 2
 
@@ -556,3 +578,14 @@ def test_an_interrupted_run_is_resumed_from_its_own_last_checkpoint(tmp_path, sy
     assert sorted(p.name for p in (work / "gta5_bisenet").iterdir()) == sorted(d.name for d in stopped.values())
     assert synthetic_table._interrupted_run(work, "gta5_bisenet", 0) is None
     assert synthetic_table._interrupted_run(work, "gta5_bisenet", 1) == stopped[1] / "last.pt"  # untouched
+
+def test_complexity_tables_name_the_flop_counter(runs_dir):
+    runs, problems = tabulate.find_runs([runs_dir])
+    table = by_key(tabulate.build_tables(runs, "cityscapes", problems=problems), "cityscapes")
+    columns = dict(zip(table.columns, table.rows[0]))
+    # this benchmark.json predates FlopCounterMode: its count is fvcore's, and the table says so
+    assert columns["FLOPs (G MACs, FlopCounterMode)"] is None and columns["FLOPs (G MACs, fvcore)"] == 25.59
+    assert any("FlopCounterMode" in note and "fvcore" in note for note in table.notes)
+    assert tabulate._flop_cells({"flops": 2, "gmacs": 25.4, "fvcore": {"gmacs": 25.6}}) == (25.4, 25.6)
+    assert tabulate._flop_cells({"flops": 2, "gmacs": 25.4, "fvcore": None}) == (25.4, None)
+

@@ -56,9 +56,8 @@ def print_model_report(r: dict) -> None:
           f"load average {r['load_avg_1m']}")
     print(f"  params: total {p['total']:,}  trainable {p['trainable']:,}  used at inference {p['inference']:,}  "
           f"deploy form {p['deploy']:,}")
-    print(f"  FLOPs (fvcore, MACs): {f['gmacs']:.2f} G")
-    if f["skipped_ops"]:
-        print("  not counted by fvcore: " + ", ".join(f"{op} x{n}" for op, n in sorted(f["skipped_ops"].items())))
+    print(f"  FLOPs (FlopCounterMode): {f['gmacs']:.2f} G MACs = {f['gflops']:.2f} GFLOPs (2 flops per multiply-add)")
+    _print_fvcore(f)
     opts = r["deploy_options"]
     for name in r.get("forms", ["eager", "deploy"]):
         s = lat[name]
@@ -82,3 +81,14 @@ def print_model_report(r: dict) -> None:
     if len(r.get("forms", [])) > 2 and "vs_deploy" in lat:
         print(f"  fastest: {lat['fastest']}, {lat['vs_deploy'][lat['fastest']]:.2f}x the deploy form")
 
+
+
+def _print_fvcore(f: dict) -> None:
+    """The fvcore cross-check line(s), or one line saying how to get it."""
+    fv = f.get("fvcore")
+    if fv is None:
+        print(f"  {f.get('fvcore_note', 'no fvcore cross-check')}")
+        return
+    print(f"  fvcore cross-check: {fv['gmacs']:.2f} G MACs")
+    if fv["skipped_ops"]:
+        print("  not counted by fvcore: " + ", ".join(f"{op} x{n}" for op, n in sorted(fv["skipped_ops"].items())))

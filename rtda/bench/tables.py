@@ -19,6 +19,8 @@ from rtda.bench.model_cost import complexity_from_config
 from rtda.config import AUGMENTATIONS, NOT_RESULT_KEYS, Config, ConfigError, flatten, from_dict
 
 TABLES = ("cityscapes", "domain-shift", "augmentations", "adaptation")
+FLOPS_NOTE = ("FLOPs: G MACs (multiply-adds, the convention of the course's reference numbers) counted by "
+              "torch.utils.flop_counter.FlopCounterMode (its GFLOPs / 2), and by fvcore as a cross-check where it imports")
 
 
 @dataclass
@@ -251,9 +253,17 @@ def _data_note(synthetic: bool) -> str:
     return " — SYNTHETIC data, not comparable with real-data numbers" if synthetic else ""
 
 
+def _flop_cells(flops: dict) -> tuple[float | None, float | None]:
+    """(FlopCounterMode G MACs, fvcore G MACs); a benchmark.json written before FlopCounterMode holds fvcore's."""
+    if "flops" not in flops:
+        return None, flops.get("gmacs")
+    return flops["gmacs"], (flops.get("fvcore") or {}).get("gmacs")
+
+
 def _complexity_table(key, number, model_name, groups, all_runs, cache, metric, synthetic, problems) -> Table:
     table = Table(key, f"Table {number}: {MODEL_NAMES[model_name]} on Cityscapes{_data_note(synthetic)}",
-                  ["Model", "Seeds", "mIoU", "Latency (ms)", "FPS", "FLOPs (G MACs)", "Params (M)", "Input"],
+                  ["Model", "Seeds", "mIoU", "Latency (ms)", "FPS", "FLOPs (G MACs, FlopCounterMode)",
+                   "FLOPs (G MACs, fvcore)", "Params (M)", "Input"],
                   synthetic=synthetic)
     labels = [model_label(g[0].cfg.model) for g in groups]
     labels = [label + suffix for label, suffix in zip(labels, distinguish(labels, groups))]
@@ -267,8 +277,10 @@ def _complexity_table(key, number, model_name, groups, all_runs, cache, metric, 
         size = info.get("size")
         table.rows.append([label, len(group), Stat.of(result_metrics(r, metric)["mIoU"] for r in group),
                            eager["mean_ms"] if eager else None, eager["fps"] if eager else None,
-                           info.get("flops", {}).get("gmacs"), params / 1e6 if params else None,
+                           *_flop_cells(info.get("flops", {})),
+                           params / 1e6 if params else None,
                            f"{size[0]}x{size[1]}" if size else None])
+    table.notes.append(FLOPS_NOTE)
     table.notes.append("Latency: batch 1, eager model, from benchmark.json on " + "; ".join(sorted(devices))
                        if devices else "Latency: no benchmark.json in these runs (see docs/benchmarks.md)")
     return table

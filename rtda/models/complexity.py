@@ -31,23 +31,51 @@ def count_parameters(model: nn.Module, image: torch.Tensor) -> dict:
             "inference": sum(p.numel() for p in used.values())}
 
 
+FLOP_CONVENTION = ("torch.utils.flop_counter.FlopCounterMode: 2 flops per multiply-add; macs = flops / 2, "
+                   "the convention of fvcore and of the course's reference numbers")
+FVCORE_MISSING = "fvcore is not installed, so there is no fvcore cross-check: pip install fvcore"
+
+
 def count_flops(model: nn.Module, image: torch.Tensor) -> dict:
-    """fvcore's count for one eval forward of `image`: MACs in total and by operator, and the skipped ops."""
+    """FLOPs of one eval forward of `image`, counted by `torch.utils.flop_counter.FlopCounterMode`.
+
+    Returns {"flops", "gflops", "macs", "gmacs", "by_operator" (flops per aten op), "convention", "fvcore"}:
+    FlopCounterMode counts 2 flops per multiply-add, so `macs` = flops / 2. "fvcore" is fvcore's count as a
+    cross-check ({macs, gmacs, by_operator, skipped_ops}), or None with "fvcore_note" when fvcore does not import.
+    The model's training mode is restored.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
-            # fvcore scripts and traces with torch.jit, which torch now marks as deprecated: fvcore's business.
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            from fvcore.nn import FlopCountAnalysis
-
-            analysis = (FlopCountAnalysis(model, image).unsupported_ops_warnings(False)
-                        .uncalled_modules_warnings(False).tracer_warnings("none"))
-            total = analysis.total()
-            by_operator = dict(analysis.by_operator())
-            skipped = dict(analysis.unsupported_ops())
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(image)
+        fvcore = _fvcore_count(model, image)
     finally:
         model.train(was_training)
-    return {"macs": int(total), "gmacs": round(total / 1e9, 3), "by_operator": by_operator,
-            "skipped_ops": skipped, "convention": "fvcore: one fused multiply-add = one flop (MACs)"}
+    flops = int(counter.get_total_flops())
+    by_operator = {str(op).removeprefix("aten."): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+    out = {"flops": flops, "gflops": round(flops / 1e9, 3), "macs": flops // 2, "gmacs": round(flops / 2e9, 3),
+           "by_operator": by_operator, "convention": FLOP_CONVENTION, "fvcore": fvcore}
+    if fvcore is None:
+        out["fvcore_note"] = FVCORE_MISSING
+    return out
+
+
+def _fvcore_count(model: nn.Module, image: torch.Tensor) -> dict | None:
+    """fvcore's count (one fused multiply-add = one flop: MACs, and the ops it skipped); None without fvcore."""
+    with warnings.catch_warnings():
+        # fvcore scripts and traces with torch.jit, which torch now marks as deprecated: fvcore's business.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        try:
+            from fvcore.nn import FlopCountAnalysis
+        except ImportError:
+            return None
+        analysis = (FlopCountAnalysis(model, image).unsupported_ops_warnings(False)
+                    .uncalled_modules_warnings(False).tracer_warnings("none"))
+        total = analysis.total()
+        return {"macs": int(total), "gmacs": round(total / 1e9, 3), "by_operator": dict(analysis.by_operator()),
+                "skipped_ops": dict(analysis.unsupported_ops())}
