@@ -439,34 +439,24 @@ def test_adaptation_table_gives_each_method_its_share_of_the_oracle_gap(tmp_path
         _table_run(tmp_path, "oracle_bisenet", seed, ora)
         _table_run(tmp_path, "gta5_bisenet_dacs", seed, dacs)
     _table_run(tmp_path, "gta5_bisenet_mic", 0, 9.0)
-    doc = tmp_path / "doc.md"
-    doc.write_text("head\n<!-- adaptation-table:start -->\nold\n<!-- adaptation-table:end -->\ntail\n")
-    synthetic_table._write_table(tmp_path, synthetic_table._finished_runs(tmp_path), doc)
+    synthetic_table._write_table(tmp_path, synthetic_table._finished_runs(tmp_path))
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "table.md").read_text().splitlines()[2:]}
     assert list(rows) == ["gta5_bisenet", "oracle_bisenet", "gta5_bisenet_dacs", "gta5_bisenet_mic"]
     # DACS: mean 33 over source-only's 11 and the oracle's 51 -> +22.0, 22 / 40 = 55% of the gap; std of 30/34/35
     assert rows["gta5_bisenet_dacs"][2:5] == ["33.0 ± 2.6", "+22.0", "55%"]
     assert rows["gta5_bisenet_mic"][1:5] == ["1", "9.0", "-2.0", "-5%"]  # one seed: no std; below source-only
     assert rows["oracle_bisenet"][3:5] == ["+40.0", ""] and rows["gta5_bisenet"][3:5] == ["", ""]
-    text = doc.read_text()
-    assert "old" not in text and text.startswith("head\n") and text.endswith("tail\n") and "| 55% |" in text
-
-
-def _table_doc(tmp_path):
-    doc = tmp_path / "doc.md"
-    doc.write_text("<!-- adaptation-table:start -->\n<!-- adaptation-table:end -->\n")
-    return doc
 
 
 def test_adaptation_table_trains_every_row_two_at_a_time_and_then_reuses_them(tmp_path, synthetic_root, monkeypatch):
     from conftest import tiny_overrides
 
-    work, doc = tmp_path / "bench", _table_doc(tmp_path)
+    work = tmp_path / "bench"
     overrides = tiny_overrides(synthetic_root, **{"train.iters": 2})
-    table = synthetic_table.run_adaptation_table(work, [0], overrides, ssl=True, table=doc, jobs=2, threads=1)
+    table = synthetic_table.run_adaptation_table(work, [0], overrides, ssl=True, jobs=2, threads=1)
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
     assert rows == list(synthetic_table.TABLE_ROWS)  # every method, the multi-band mean and the SSL round
-    assert table in doc.read_text()
+    assert table == (work / "table.md").read_text()
     trained = {m["config_name"] for m in synthetic_table._finished_runs(work).values()} - {synthetic_table.MBT}
     assert trained == {*synthetic_table.BENCHMARK_CONFIGS, "gta5_bisenet_fda_ssl"}
     assert sorted(p.name for p in (work / "logs").iterdir()) == sorted(f"{name}_seed0.log" for name in trained)
@@ -478,7 +468,7 @@ def test_adaptation_table_trains_every_row_two_at_a_time_and_then_reuses_them(tm
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr("subprocess.Popen", no_training)
-    assert synthetic_table.run_adaptation_table(work, [0], overrides, ssl=True, table=doc, jobs=2, threads=1) == table
+    assert synthetic_table.run_adaptation_table(work, [0], overrides, ssl=True, jobs=2, threads=1) == table
 
 
 def test_runs_on_another_version_of_the_synthetic_domains_are_not_reused(tmp_path):
@@ -487,11 +477,11 @@ def test_runs_on_another_version_of_the_synthetic_domains_are_not_reused(tmp_pat
     (work / "gta5_bisenet" / "20261101-120000" / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(ExperimentError, match=r"--work-dir .*bench: its runs trained on synthetic domains "
                                                        r"of generator version unrecorded .* choose another --work-dir"):
-        synthetic_table.run_adaptation_table(work, [0], [], ssl=False, table=None)
+        synthetic_table.run_adaptation_table(work, [0], [], ssl=False)
     (work / "generator.json").write_text(json.dumps({"generator": GENERATOR_VERSION - 1}))
     with pytest.raises(ExperimentError, match=rf"generator version {GENERATOR_VERSION - 1}, and this "
                                                        rf"code generates version {GENERATOR_VERSION}"):
-        synthetic_table.run_adaptation_table(work, [0], [], ssl=False, table=None)
+        synthetic_table.run_adaptation_table(work, [0], [], ssl=False)
 
 
 def test_runs_trained_with_other_overrides_are_not_reused(tmp_path):
@@ -579,6 +569,7 @@ def test_an_interrupted_run_is_resumed_from_its_own_last_checkpoint(tmp_path, sy
     assert synthetic_table._interrupted_run(work, "gta5_bisenet", 0) is None
     assert synthetic_table._interrupted_run(work, "gta5_bisenet", 1) == stopped[1] / "last.pt"  # untouched
 
+
 def test_complexity_tables_name_the_flop_counter(runs_dir):
     runs, problems = tabulate.find_runs([runs_dir])
     table = by_key(tabulate.build_tables(runs, "cityscapes", problems=problems), "cityscapes")
@@ -589,3 +580,15 @@ def test_complexity_tables_name_the_flop_counter(runs_dir):
     assert tabulate._flop_cells({"flops": 2, "gmacs": 25.4, "fvcore": {"gmacs": 25.6}}) == (25.4, 25.6)
     assert tabulate._flop_cells({"flops": 2, "gmacs": 25.4, "fvcore": None}) == (25.4, None)
 
+
+def test_into_is_accepted_and_only_says_where_the_table_is(tmp_path, capsys):
+    work, doc = tmp_path / "bench", tmp_path / "doc.md"
+    (work / "gta5_bisenet" / "20261101-120000").mkdir(parents=True)
+    (work / "gta5_bisenet" / "20261101-120000" / "config.yaml").write_text("seed: 0\n")  # refused: stops at once
+    doc.write_text("<!-- adaptation-table:start -->\n<!-- adaptation-table:end -->\n")
+    assert benchmark.main(["--adaptation-table", "--work-dir", str(work), "--into", str(doc)]) == 2
+    note, error = capsys.readouterr().err.strip().splitlines()
+    assert note == (f"benchmark.py: --into {doc} is no longer written: the table is in {work / 'table.md'} and the "
+                    "docs quote it")
+    assert error.startswith("benchmark.py: --work-dir") and "generator version unrecorded" in error
+    assert doc.read_text() == "<!-- adaptation-table:start -->\n<!-- adaptation-table:end -->\n"

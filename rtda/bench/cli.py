@@ -137,11 +137,15 @@ def main_adaptation_table(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)  # 1 is fastest when several runs share a busy machine
+    work_dir = Path(args.work_dir)
+    if args.into:
+        print(f"benchmark.py: --into {args.into} is no longer written: the table is in {work_dir / 'table.md'} "
+              "and the docs quote it", file=sys.stderr)
     try:
-        print(run_adaptation_table(Path(args.work_dir), args.seeds, args.overrides, args.ssl, args.into, args.jobs,
-                                   args.threads))
+        print(run_adaptation_table(work_dir, args.seeds, args.overrides, args.ssl, args.jobs, args.threads))
     except (FileNotFoundError, RuntimeError, ValueError) as exc:  # data, checkpoint, divergence
         raise BenchmarkError(str(exc)) from None
+    print(f"benchmark.py: table written to {work_dir / 'table.md'}", file=sys.stderr)
     return 0
 
 

@@ -60,8 +60,8 @@ ADAPTATION_TABLE = [
         "threads (default: the cores shared out)"),
     THREADS,
     opt("--ssl", action="store_true", help="also FDA's self-supervised round on multi-band pseudo-labels"),
-    opt("--into", type=Path, metavar="FILE.md", help="also write the table between the adaptation-table markers "
-        "of this file (docs/results_synthetic.md)")]
+    opt("--into", type=Path, metavar="FILE.md", help="old flag, accepted: the runner no longer edits docs; the table "
+        "is in WORK_DIR/table.md, which the docs quote")]
 STEP_COST = [opt("--configs", dest="step_cost", nargs="+", required=True, metavar="CONFIG",
                  help="configs to time; the first is the reference"),
              OVERRIDES,

@@ -28,14 +28,14 @@ TABLE_ROWS = ("gta5_bisenet", "oracle_bisenet", "gta5_bisenet_adv", "gta5_bisene
 FDA_BANDS = ("gta5_bisenet_fda_b0.01", "gta5_bisenet_fda_b0.05", "gta5_bisenet_fda_b0.09")
 
 
-def run_adaptation_table(work_dir: Path, seeds: list[int], overrides: list[str], ssl: bool, table: Path | None,
+def run_adaptation_table(work_dir: Path, seeds: list[int], overrides: list[str], ssl: bool,
                          jobs: int = 1, threads: int | None = None) -> str:
     """Every synthetic method against source-only and the oracle: each run is a `train.py` process, `jobs` at a
     time with `threads` torch threads each, in seed order (all rows of seed 0 first, so a partial benchmark is
     already a comparison). Finished runs (metrics.json) are reused and an interrupted one carries on from its
     last.pt, so the command resumes where it stopped; a failed run is reported with its log once the others
-    have finished. Returns the markdown table, also written to work_dir/table.md (and between the markers of
-    `table`) after every finished run."""
+    have finished. Returns the markdown table, also written to work_dir/table.md after every finished run (the
+    docs quote that file; this runner never edits them)."""
     from torch.utils.data import DataLoader
 
     from rtda.adapt import write_pseudo_labels
@@ -48,7 +48,7 @@ def run_adaptation_table(work_dir: Path, seeds: list[int], overrides: list[str],
 
     def refresh():
         results.update(_finished_runs(work_dir))
-        _write_table(work_dir, results, table)
+        _write_table(work_dir, results)
 
     todo = [(name, seed, []) for seed in seeds for name in BENCHMARK_CONFIGS if (name, seed) not in results]
     failed = _train_runs(todo, overrides, work_dir, jobs, threads, refresh)
@@ -175,7 +175,7 @@ def _finished_runs(work_dir: Path) -> dict:
     return results
 
 
-def _write_table(work_dir: Path, results: dict, table: Path | None) -> None:
+def _write_table(work_dir: Path, results: dict) -> None:
     """Per row: mean ± sample std of the final mIoU over seeds, the gain over source-only, the share of the
     oracle - source-only gap that gain recovers, the seeds' values and the mean wall time of a run."""
     import statistics
@@ -200,15 +200,4 @@ def _write_table(work_dir: Path, results: dict, table: Path | None) -> None:
                      f"{', '.join(f'{v:.1f}' for v in vals)} | {f'{wall:.0f}' if wall else ''} |")
     text = "\n".join(lines) + "\n"
     (work_dir / "table.md").write_text(text)
-    if table is not None:
-        _replace_section(table, text)
 
-
-def _replace_section(path: Path, table_text: str) -> None:
-    """Put the table between the markers of the "## Domain adaptation" section of `path`."""
-    start, end = "<!-- adaptation-table:start -->", "<!-- adaptation-table:end -->"
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise ValueError(f"{path}: no {start} ... {end} markers to put the adaptation table between")
-    head, rest = text.split(start, 1)
-    path.write_text(head + start + "\n" + table_text + rest[rest.index(end):])
