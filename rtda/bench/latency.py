@@ -19,7 +19,7 @@ from torch import nn
 
 from rtda.bench.common import BenchmarkError
 
-DEFAULT_ITERS = {"cpu": 20, "cuda": 1000}  # 1000 is the course protocol; a CPU call takes 0.1-5 s
+DEFAULT_ITERS = {"cpu": 20, "cuda": 1000}  # 1000 is the course protocol; fewer on a CPU, where a call is slow
 DEFAULT_WARMUP = {"cpu": 3, "cuda": 50}
 TIMING_ROUNDS = 5  # eager and deploy alternate this many times
 
@@ -169,6 +169,43 @@ def _cuda_graph(graph_module: nn.Module, image: torch.Tensor, amp: str | None):
     return replay, static_in
 
 
+def _ort_providers(ort, name: str, device: torch.device, workdir: Path) -> list | str:
+    """ONNX Runtime's providers for variant `name` on `device`, best first; a string says why it is skipped."""
+    available = ort.get_available_providers()
+    if name.startswith("tensorrt"):
+        if "TensorrtExecutionProvider" not in available:
+            return f"this onnxruntime has no TensorrtExecutionProvider (it has {', '.join(available)})"
+        cache = workdir / "trt_cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        return [("TensorrtExecutionProvider", {"device_id": device.index or 0,
+                                               "trt_fp16_enable": name == "tensorrt_fp16",
+                                               "trt_engine_cache_enable": True,
+                                               "trt_engine_cache_path": str(cache)}),
+                "CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            return f"this onnxruntime has no CUDAExecutionProvider (it has {', '.join(available)}): pip install onnxruntime-gpu"
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _bound_form(onnx_model, image: torch.Tensor) -> Form:
+    """CUDA: the input and a preallocated output bound on the device (no host copies in the timed call)."""
+    session = onnx_model.session
+    x = image.float().contiguous()
+    out = torch.empty(x.shape[0], onnx_model.num_classes, *x.shape[-2:], device=image.device)
+    binding = session.io_binding()
+    binding.bind_input(onnx_model.input_name, "cuda", image.device.index or 0, np.float32, list(x.shape), x.data_ptr())
+    binding.bind_output(onnx_model.output_name, "cuda", image.device.index or 0, np.float32, list(out.shape),
+                        out.data_ptr())
+
+    def run(_):
+        session.run_with_iobinding(binding)
+        return out
+
+    return Form(run, x)
+
+
 def _onnxruntime_form(deployed: nn.Module, image: torch.Tensor, name: str, workdir: Path):
     """An ONNX Runtime form of the deploy form, exported at the image's shape; a string says why it is skipped."""
     from rtda.models.export import ExportError, OnnxModel, export_onnx, require
@@ -178,24 +215,9 @@ def _onnxruntime_form(deployed: nn.Module, image: torch.Tensor, name: str, workd
         require("onnx", f"--forms {name}")
     except ExportError as exc:
         raise BenchmarkError(str(exc)) from None
-    cuda = image.device.type == "cuda"
-    available = ort.get_available_providers()
-    if name.startswith("tensorrt"):
-        if "TensorrtExecutionProvider" not in available:
-            return f"this onnxruntime has no TensorrtExecutionProvider (it has {', '.join(available)})"
-        cache = workdir / "trt_cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        providers = [("TensorrtExecutionProvider", {"device_id": image.device.index or 0,
-                                                    "trt_fp16_enable": name == "tensorrt_fp16",
-                                                    "trt_engine_cache_enable": True,
-                                                    "trt_engine_cache_path": str(cache)}),
-                     "CUDAExecutionProvider", "CPUExecutionProvider"]
-    elif cuda:
-        if "CUDAExecutionProvider" not in available:
-            return f"this onnxruntime has no CUDAExecutionProvider (it has {', '.join(available)}): pip install onnxruntime-gpu"
-        providers = [("CUDAExecutionProvider", {"device_id": image.device.index or 0}), "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
+    providers = _ort_providers(ort, name, image.device, workdir)
+    if isinstance(providers, str):
+        return providers
     path = workdir / "model.onnx"
     if not path.is_file():
         cpu_copy = copy.deepcopy(deployed).cpu()
@@ -210,23 +232,10 @@ def _onnxruntime_form(deployed: nn.Module, image: torch.Tensor, name: str, workd
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if onnx_model.providers[0] != wanted:  # ONNX Runtime falls back quietly when a provider cannot start
         return f"ONNX Runtime could not start {wanted} here and fell back to {onnx_model.providers[0]}"
-    if not cuda:
+    if image.device.type != "cuda":
         x = image.float().cpu().contiguous().numpy()
         return Form(onnx_model.run_numpy, x, to_tensor=lambda out: torch.from_numpy(out))
-    # CUDA: bind the input and a preallocated output on the device (no host copies in the timed call)
-    session = onnx_model.session
-    x = image.float().contiguous()
-    out = torch.empty(x.shape[0], onnx_model.num_classes, *x.shape[-2:], device=image.device)
-    binding = session.io_binding()
-    binding.bind_input(onnx_model.input_name, "cuda", image.device.index or 0, np.float32, list(x.shape), x.data_ptr())
-    binding.bind_output(onnx_model.output_name, "cuda", image.device.index or 0, np.float32, list(out.shape),
-                        out.data_ptr())
-
-    def run(_):
-        session.run_with_iobinding(binding)
-        return out
-
-    return Form(run, x)
+    return _bound_form(onnx_model, image)
 
 
 def measure_latency(model: nn.Module, deployed: nn.Module | None, size: tuple[int, int], device: torch.device,
