@@ -120,7 +120,7 @@ def test_forms_are_timed_in_the_same_rounds_with_their_parity_to_eager():
 
     torch.manual_seed(0)
     model = models.build_model({"name": "bisenet"}).eval()
-    forms = latency.parse_forms("deploy,onnxruntime,compile", torch.device("cpu"))
+    forms = latency.parse_variants("deploy,onnxruntime,compile", torch.device("cpu"))
     assert forms == ["eager", "deploy", "onnxruntime", "compile"]
     calls = []
     original = latency.time_calls
@@ -142,13 +142,13 @@ def test_forms_are_timed_in_the_same_rounds_with_their_parity_to_eager():
 
 def test_forms_of_the_wrong_device_or_unknown_are_one_line():
     cpu = torch.device("cpu")
-    assert latency.parse_forms(None, cpu) == ["eager", "deploy"]
-    assert latency.parse_forms("all", cpu) == list(latency.CPU_FORMS)
+    assert latency.parse_variants(None, cpu) == ["eager", "deploy"]
+    assert latency.parse_variants("all", cpu) == list(latency.CPU_VARIANTS)
     with pytest.raises(benchmark.BenchmarkError, match="'fp16' is a CUDA form"):
-        latency.parse_forms("deploy,fp16", cpu)
+        latency.parse_variants("deploy,fp16", cpu)
     with pytest.raises(benchmark.BenchmarkError, match="unknown form 'tflite'"):
-        latency.parse_forms("tflite", cpu)
-    assert "tensorrt" in latency.parse_forms("all", torch.device("cuda"))
+        latency.parse_variants("tflite", cpu)
+    assert "tensorrt" in latency.parse_variants("all", torch.device("cuda"))
 
 
 def test_tensorrt_form_without_its_provider_is_skipped_with_the_reason(tmp_path):
@@ -158,7 +158,7 @@ def test_tensorrt_form_without_its_provider_is_skipped_with_the_reason(tmp_path)
     from rtda import models
 
     model = models.build_model({"name": "bisenet"}).eval()
-    forms, skipped = latency.build_forms(model, None, ["eager", "tensorrt"], torch.rand(1, 3, 32, 64) * 255,
+    forms, skipped = latency.build_variants(model, None, ["eager", "tensorrt"], torch.rand(1, 3, 32, 64) * 255,
                                            workdir=tmp_path)
     assert list(forms) == ["eager"] and "TensorrtExecutionProvider" in skipped["tensorrt"]
 

@@ -62,13 +62,13 @@ def _print(result: dict, as_json: bool, report) -> int:
 
 
 def main_model(args) -> int:
-    from rtda.bench.latency import DEFAULT_ITERS, DEFAULT_WARMUP, parse_forms
+    from rtda.bench.latency import DEFAULT_ITERS, DEFAULT_WARMUP, parse_variants
     from rtda.bench.model_cost import benchmark_model, print_model_report
 
     cfg, device, size = _config_run(args)
     iters = args.iters or DEFAULT_ITERS[device.type]
     warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP[device.type]
-    forms = parse_forms(args.forms, device)
+    forms = parse_variants(args.forms, device)
     result = benchmark_model(cfg, size or THESIS_SIZE, device, iters, warmup, args.amp, args.compile,
                              source=args.config, forms=forms)
     return _print(result, args.json, print_model_report)

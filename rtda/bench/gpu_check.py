@@ -22,7 +22,7 @@ import torch
 
 from rtda.bench import reports
 from rtda.bench.common import REPO_ROOT, THESIS_SIZE, BenchmarkError, build_model, without_pretrained
-from rtda.bench.latency import autocast_context, time_forms
+from rtda.bench.latency import autocast_context, time_variants
 from rtda.bench.train_cost import benchmark_train_step
 from rtda.config import Config, load_config
 from rtda.datasets.fake_layout import write_layout_tree
@@ -177,7 +177,7 @@ def check_latency(device: torch.device, size: tuple[int, int] = THESIS_SIZE,
             amp_text = amp_name(amp)
             forms[f"deploy_{amp_text}"] = (deployed, image_cl, torch.inference_mode,
                                            lambda a=amp_text: autocast_context(device, a))
-        stats = time_forms(forms, calls[1], calls[0])
+        stats = time_variants(forms, calls[1], calls[0])
         out[name] = {"size": list(size), "batch": 1, **stats,
                      **{f"speedup_{k}": stats["eager"]["mean_ms"] / stats[k]["mean_ms"] for k in stats if k != "eager"}}
         del model, deployed

@@ -60,9 +60,10 @@ def autocast_context(device: torch.device, amp: str | None):
     return torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[amp])
 
 
-# The forms of one model that `--forms` can time. Every form gets the same random image and is compared with
+# The inference variants of one model that `--forms` can time. Every variant gets the same random image and is
+# compared with
 # the eager model's output (max abs difference of the logits, argmax agreement).
-FORM_HELP = {
+VARIANT_HELP = {
     "eager": "the model as trained (eval, no_grad, NCHW float32): the reference",
     "deploy": "models.deploy: no aux heads, BN folded, channels_last, inference_mode (+ --amp / --compile)",
     "compile": "torch.compile of the deploy form",
@@ -73,12 +74,12 @@ FORM_HELP = {
     "tensorrt": "the ONNX file in ONNX Runtime's TensorRT provider, fp32 (CUDA, when the provider is present)",
     "tensorrt_fp16": "the same with TensorRT's fp16 kernels allowed",
 }
-CPU_FORMS = ("eager", "deploy", "compile", "onnxruntime")
-CUDA_FORMS = CPU_FORMS + ("fp16", "bf16", "cudagraph", "tensorrt", "tensorrt_fp16")
+CPU_VARIANTS = ("eager", "deploy", "compile", "onnxruntime")
+CUDA_VARIANTS = CPU_VARIANTS + ("fp16", "bf16", "cudagraph", "tensorrt", "tensorrt_fp16")
 
 
 @dataclass
-class Form:
+class Variant:
     """One way to run the model: `fn(x)` on its own prepared input `x`, under `grad_mode()` and `cast()`."""
 
     fn: object
@@ -93,29 +94,29 @@ class Form:
         return self.to_tensor(out) if self.to_tensor else out.float().cpu()
 
 
-def parse_forms(text: str | None, device: torch.device) -> list[str]:
+def parse_variants(text: str | None, device: torch.device) -> list[str]:
     """`--forms eager,deploy,onnxruntime` (or `all`) -> the list, eager first; unknown or wrong-device names fail."""
-    available = CUDA_FORMS if device.type == "cuda" else CPU_FORMS
+    available = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
     if not text:
         return ["eager", "deploy"]
     names = list(available) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
     for name in names:
-        if name not in CUDA_FORMS:
+        if name not in CUDA_VARIANTS:
             raise BenchmarkError(f"--forms {text!r}: unknown form {name!r}; expected some of "
-                                 f"{', '.join(CUDA_FORMS)} (or all)")
+                                 f"{', '.join(CUDA_VARIANTS)} (or all)")
         if name not in available:
             raise BenchmarkError(f"--forms {text!r}: {name!r} is a CUDA form; on CPU the forms are "
-                                 f"{', '.join(CPU_FORMS)}")
+                                 f"{', '.join(CPU_VARIANTS)}")
     return ["eager"] + [n for n in dict.fromkeys(names) if n != "eager"]
 
 
-def build_forms(model: nn.Module, deployed: nn.Module | None, names: list[str], image: torch.Tensor,
+def build_variants(model: nn.Module, deployed: nn.Module | None, names: list[str], image: torch.Tensor,
                 amp: str | None = None, workdir: str | Path | None = None,
                 compile_backend: str = "inductor") -> tuple[dict, dict]:
-    """Forms `names` of `model` for `image`: ({name: Form}, {name: reason it was skipped}).
+    """Variants `names` of `model` for `image`: ({name: Variant}, {name: reason it was skipped}).
 
-    `deployed` is the deploy form (with --amp / --compile applied to the `deploy` entry only); the other forms
-    start from it. `workdir` holds the ONNX file of the ONNX Runtime forms.
+    `deployed` is the deploy form (with --amp / --compile applied to the `deploy` entry only); the other variants
+    start from it. `workdir` holds the ONNX file of the ONNX Runtime variants.
     """
     from rtda import models
 
@@ -125,26 +126,26 @@ def build_forms(model: nn.Module, deployed: nn.Module | None, names: list[str], 
     if not hasattr(plain, "graph") and any(n not in ("eager", "deploy") for n in names):
         plain = models.deploy(model)
     last = image.contiguous(memory_format=torch.channels_last)
-    forms, skipped = {}, {}
+    variants, skipped = {}, {}
     for name in names:
         if name == "eager":
-            forms[name] = Form(model, image, torch.no_grad)
+            variants[name] = Variant(model, image, torch.no_grad)
         elif name == "deploy":
-            forms[name] = Form(deployed if deployed is not None else models.deploy(model), last,
+            variants[name] = Variant(deployed if deployed is not None else models.deploy(model), last,
                                cast=lambda: autocast_context(device, amp))
         elif name == "compile":
-            forms[name] = Form(torch.compile(plain.graph(), backend=compile_backend), last)
+            variants[name] = Variant(torch.compile(plain.graph(), backend=compile_backend), last)
         elif name in ("fp16", "bf16"):
-            forms[name] = Form(plain, last, cast=lambda dtype=name: autocast_context(device, dtype))
+            variants[name] = Variant(plain, last, cast=lambda dtype=name: autocast_context(device, dtype))
         elif name == "cudagraph":
-            forms[name] = Form(*_cuda_graph(plain.graph(), last, amp))
+            variants[name] = Variant(*_cuda_graph(plain.graph(), last, amp))
         elif name in ("onnxruntime", "tensorrt", "tensorrt_fp16"):
-            form = _onnxruntime_form(plain, image, name, Path(workdir or "."))
-            if isinstance(form, str):
-                skipped[name] = form
+            variant = _onnxruntime_variant(plain, image, name, Path(workdir or "."))
+            if isinstance(variant, str):
+                skipped[name] = variant
             else:
-                forms[name] = form
-    return forms, skipped
+                variants[name] = variant
+    return variants, skipped
 
 
 def _cuda_graph(graph_module: nn.Module, image: torch.Tensor, amp: str | None):
@@ -189,7 +190,7 @@ def _ort_providers(ort, name: str, device: torch.device, workdir: Path) -> list 
     return ["CPUExecutionProvider"]
 
 
-def _bound_form(onnx_model, image: torch.Tensor) -> Form:
+def _bound_variant(onnx_model, image: torch.Tensor) -> Variant:
     """CUDA: the input and a preallocated output bound on the device (no host copies in the timed call)."""
     session = onnx_model.session
     x = image.float().contiguous()
@@ -203,11 +204,11 @@ def _bound_form(onnx_model, image: torch.Tensor) -> Form:
         session.run_with_iobinding(binding)
         return out
 
-    return Form(run, x)
+    return Variant(run, x)
 
 
-def _onnxruntime_form(deployed: nn.Module, image: torch.Tensor, name: str, workdir: Path):
-    """An ONNX Runtime form of the deploy form, exported at the image's shape; a string says why it is skipped."""
+def _onnxruntime_variant(deployed: nn.Module, image: torch.Tensor, name: str, workdir: Path):
+    """An ONNX Runtime variant of the deploy form, exported at the image's shape; a string says why it is skipped."""
     from rtda.models.export import ExportError, OnnxModel, export_onnx, require
 
     try:
@@ -234,8 +235,8 @@ def _onnxruntime_form(deployed: nn.Module, image: torch.Tensor, name: str, workd
         return f"ONNX Runtime could not start {wanted} here and fell back to {onnx_model.providers[0]}"
     if image.device.type != "cuda":
         x = image.float().cpu().contiguous().numpy()
-        return Form(onnx_model.run_numpy, x, to_tensor=lambda out: torch.from_numpy(out))
-    return _bound_form(onnx_model, image)
+        return Variant(onnx_model.run_numpy, x, to_tensor=lambda out: torch.from_numpy(out))
+    return _bound_variant(onnx_model, image)
 
 
 def measure_latency(model: nn.Module, deployed: nn.Module | None, size: tuple[int, int], device: torch.device,
@@ -249,15 +250,15 @@ def measure_latency(model: nn.Module, deployed: nn.Module | None, size: tuple[in
     image = torch.rand(1, 3, *size, device=device) * 255  # the course protocol's random image
     names = forms or (["eager", "deploy"] if deployed is not None else ["eager"])
     with tempfile.TemporaryDirectory(prefix="benchmark-forms-") as workdir:
-        built, skipped = build_forms(model, deployed, names, image, amp, workdir, compile_backend)
+        built, skipped = build_variants(model, deployed, names, image, amp, workdir, compile_backend)
         reference = built["eager"].output()
         parity = {}
-        for name, form in built.items():  # the first call of each form: compiles, plans, checks
-            out = form.output()
+        for name, variant in built.items():  # the first call of each variant: compiles, plans, checks
+            out = variant.output()
             parity[name] = {"max_abs_diff": float((out - reference).abs().max()),
                             "argmax_agreement": float((out.argmax(1) == reference.argmax(1)).double().mean())}
         timed = {name: (f.fn, f.x, f.grad_mode, f.cast) for name, f in built.items()}
-        result = time_forms(timed, iters, warmup)
+        result = time_variants(timed, iters, warmup)
     if "deploy" in result:
         result["speedup"] = result["eager"]["mean_ms"] / result["deploy"]["mean_ms"]
         result["vs_deploy"] = {n: result["deploy"]["mean_ms"] / result[n]["mean_ms"] for n in built}
@@ -268,14 +269,14 @@ def measure_latency(model: nn.Module, deployed: nn.Module | None, size: tuple[in
     return result
 
 
-def time_forms(forms: dict, iters: int, warmup: int) -> dict:
-    """`forms`: name -> (callable, input, grad-mode context, autocast context factory). The forms take turns
+def time_variants(variants: dict, iters: int, warmup: int) -> dict:
+    """`variants`: name -> (callable, input, grad-mode context, autocast context factory). The variants take turns
     in TIMING_ROUNDS rounds of about iters / TIMING_ROUNDS calls each; returns name -> latency_stats."""
     rounds = max(1, min(TIMING_ROUNDS, iters))
     chunks = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
-    times: dict[str, list[float]] = {name: [] for name in forms}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for r, chunk in enumerate(chunks):
-        for name, (net, x, grad_mode, cast) in forms.items():
+        for name, (net, x, grad_mode, cast) in variants.items():
             with grad_mode(), cast():
                 times[name] += time_calls(net, x, chunk, warmup if r == 0 else 0)
     return {name: latency_stats(t) for name, t in times.items()}

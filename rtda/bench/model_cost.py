@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from rtda.bench.common import THESIS_SIZE, build_model, model_label, without_pretrained
-from rtda.bench.latency import FORM_HELP, measure_latency
+from rtda.bench.latency import VARIANT_HELP, measure_latency
 from rtda.config import Config
 from rtda.models.complexity import count_flops, count_parameters
 from rtda.utils.env import environment
@@ -35,7 +35,7 @@ def benchmark_model(cfg: Config, size: tuple[int, int], device: torch.device, it
     return {"config": source, "config_name": cfg.name, "model_label": model_label(cfg.model),
             "model": dataclasses.asdict(cfg.model), "size": list(size), **env,
             "params": params, "flops": flops, "latency": latency,
-            "forms": [n for n in latency if n in FORM_HELP],
+            "forms": [n for n in latency if n in VARIANT_HELP],
             "deploy_options": {"amp": amp, "compile": compile_deploy}}
 
 

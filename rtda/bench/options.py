@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rtda.bench.latency import FORM_HELP
+from rtda.bench.latency import VARIANT_HELP
 from rtda.bench.tables import TABLES
 from rtda.experiments import PRETRAIN_DEFAULTS
 
@@ -28,7 +28,7 @@ MODEL = [CONFIG, OVERRIDES,
          opt("--compile", action="store_true", help="torch.compile the deploy form"),
          opt("--forms", metavar="A,B,...", help="forms to time in alternating rounds, each with its parity to eager "
              "(default eager,deploy; `all` = every form of the device): "
-             + "; ".join(f"{k}: {v}" for k, v in FORM_HELP.items())),
+             + "; ".join(f"{k}: {v}" for k, v in VARIANT_HELP.items())),
          JSON]
 TRAIN_STEP = [CONFIG, OVERRIDES,
               opt("--size", help="HEIGHTxWIDTH (default: the config's source/target sizes)"), DEVICE,
