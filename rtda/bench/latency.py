@@ -61,8 +61,7 @@ def autocast_context(device: torch.device, amp: str | None):
 
 
 # The inference variants of one model that `--forms` can time. Every variant gets the same random image and is
-# compared with
-# the eager model's output (max abs difference of the logits, argmax agreement).
+# compared with the eager model's output (max abs difference of the logits, argmax agreement).
 VARIANT_HELP = {
     "eager": "the model as trained (eval, no_grad, NCHW float32): the reference",
     "deploy": "models.deploy: no aux heads, BN folded, channels_last, inference_mode (+ --amp / --compile)",
