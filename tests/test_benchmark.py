@@ -439,7 +439,7 @@ def test_adaptation_table_gives_each_method_its_share_of_the_oracle_gap(tmp_path
         _table_run(tmp_path, "oracle_bisenet", seed, ora)
         _table_run(tmp_path, "gta5_bisenet_dacs", seed, dacs)
     _table_run(tmp_path, "gta5_bisenet_mic", 0, 9.0)
-    synthetic_table._write_table(tmp_path, synthetic_table._finished_runs(tmp_path))
+    synthetic_table.write_table(tmp_path, synthetic_table.finished_runs(tmp_path))
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "table.md").read_text().splitlines()[2:]}
     assert list(rows) == ["gta5_bisenet", "oracle_bisenet", "gta5_bisenet_dacs", "gta5_bisenet_mic"]
     # DACS: mean 33 over source-only's 11 and the oracle's 51 -> +22.0, 22 / 40 = 55% of the gap; std of 30/34/35
@@ -457,7 +457,7 @@ def test_adaptation_table_trains_every_row_two_at_a_time_and_then_reuses_them(tm
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
     assert rows == list(synthetic_table.TABLE_ROWS)  # every method, the multi-band mean and the SSL round
     assert table == (work / "table.md").read_text()
-    trained = {m["config_name"] for m in synthetic_table._finished_runs(work).values()} - {synthetic_table.MBT}
+    trained = {m["config_name"] for m in synthetic_table.finished_runs(work).values()} - {synthetic_table.MBT}
     assert trained == {*synthetic_table.BENCHMARK_CONFIGS, "gta5_bisenet_fda_ssl"}
     assert sorted(p.name for p in (work / "logs").iterdir()) == sorted(f"{name}_seed0.log" for name in trained)
     stamp = json.loads((work / "generator.json").read_text())
@@ -489,22 +489,22 @@ def test_runs_trained_with_other_overrides_are_not_reused(tmp_path):
     (work / "gta5_bisenet" / "20261101-120000").mkdir(parents=True)
     (work / "gta5_bisenet" / "20261101-120000" / "config.yaml").write_text("seed: 0\n")
     (work / "generator.json").write_text(json.dumps({"generator": GENERATOR_VERSION}))  # from scratch, no overrides
-    synthetic_table._check_work_dir(work, ["train.workers=0", "data.source.root=elsewhere"])  # changes nothing learnt
+    synthetic_table.check_work_dir(work, ["train.workers=0", "data.source.root=elsewhere"])  # changes nothing learnt
     with pytest.raises(ExperimentError, match=r"its runs trained with the overrides none, and this call "
                                                        r"asks for model.pretrained=backbone.pt; choose another"):
-        synthetic_table._check_work_dir(work, ["model.pretrained=backbone.pt", "train.workers=0"])
+        synthetic_table.check_work_dir(work, ["model.pretrained=backbone.pt", "train.workers=0"])
 
 
 def test_a_backbone_file_replaced_under_the_same_name_is_not_reused(tmp_path):
     backbone, work = tmp_path / "backbone.pt", tmp_path / "bench"
     backbone.write_bytes(b"first recipe")
-    synthetic_table._check_work_dir(work, [f"model.pretrained={backbone}"])  # stamps the new work dir
+    synthetic_table.check_work_dir(work, [f"model.pretrained={backbone}"])  # stamps the new work dir
     stamp = json.loads((work / "generator.json").read_text())
     assert stamp["overrides"][1] == f"model.pretrained:sha256={hashlib.sha256(b'first recipe').hexdigest()}"
-    synthetic_table._check_work_dir(work, [f"model.pretrained={backbone}"])  # the same file: its runs are reused
+    synthetic_table.check_work_dir(work, [f"model.pretrained={backbone}"])  # the same file: its runs are reused
     backbone.write_bytes(b"second recipe")
     with pytest.raises(ExperimentError, match=r"model.pretrained:sha256=\w+; choose another --work-dir"):
-        synthetic_table._check_work_dir(work, [f"model.pretrained={backbone}"])
+        synthetic_table.check_work_dir(work, [f"model.pretrained={backbone}"])
 
 
 def test_pretrain_synthetic_writes_a_backbone_the_rows_load(tmp_path, capsys):
@@ -541,11 +541,11 @@ def test_a_failed_run_is_reported_with_its_log_after_the_others_finish(tmp_path,
 
     work, finished = tmp_path / "bench", []
     runs = [("gta5_bisenet", 0, ["train.lr=-1"]), ("oracle_bisenet", 0, [])]
-    failed = synthetic_table._train_runs(runs, tiny_overrides(synthetic_root, **{"train.iters": 1}), work, 2, 1,
+    failed = synthetic_table.train_runs(runs, tiny_overrides(synthetic_root, **{"train.iters": 1}), work, 2, 1,
                                    lambda: finished.append(1))
     assert len(failed) == 1 and failed[0].startswith("gta5_bisenet seed 0 failed (exit ")
     assert "train.lr" in failed[0] and str(work / "logs" / "gta5_bisenet_seed0.log") in failed[0]
-    assert len(finished) == 2 and [m["config_name"] for m in synthetic_table._finished_runs(work).values()] == ["oracle_bisenet"]
+    assert len(finished) == 2 and [m["config_name"] for m in synthetic_table.finished_runs(work).values()] == ["oracle_bisenet"]
 
 
 def test_an_interrupted_run_is_resumed_from_its_own_last_checkpoint(tmp_path, synthetic_root, capsys):
@@ -561,7 +561,7 @@ def test_an_interrupted_run_is_resumed_from_its_own_last_checkpoint(tmp_path, sy
         "seed": seed, "train.iters": 4, "train.max_wall_time": 1e-6})), work_dir=work) for seed in (0, 1)}
     assert all(load_checkpoint(d / "last.pt")["iteration"] == 1 for d in stopped.values())
     assert synthetic_table._interrupted_run(work, "gta5_bisenet", 0) == stopped[0] / "last.pt"
-    failed = synthetic_table._train_runs([("gta5_bisenet", 0, [])], tiny_overrides(synthetic_root, **{"train.iters": 4}),
+    failed = synthetic_table.train_runs([("gta5_bisenet", 0, [])], tiny_overrides(synthetic_root, **{"train.iters": 4}),
                                    work, 1, 1, lambda: None)
     assert failed == [] and "resuming gta5_bisenet seed 0" in capsys.readouterr().err
     assert load_checkpoint(stopped[0] / "last.pt")["iteration"] == 4 and (stopped[0] / "metrics.json").is_file()

@@ -43,15 +43,15 @@ def run_adaptation_table(work_dir: Path, seeds: list[int], overrides: list[str],
     from rtda.evaluation import evaluate, load_models, metrics_from_confusion
     from rtda.utils.distributed import init_distributed
 
-    _check_work_dir(work_dir, overrides)
-    results = _finished_runs(work_dir)
+    check_work_dir(work_dir, overrides)
+    results = finished_runs(work_dir)
 
     def refresh():
-        results.update(_finished_runs(work_dir))
-        _write_table(work_dir, results)
+        results.update(finished_runs(work_dir))
+        write_table(work_dir, results)
 
     todo = [(name, seed, []) for seed in seeds for name in BENCHMARK_CONFIGS if (name, seed) not in results]
-    failed = _train_runs(todo, overrides, work_dir, jobs, threads, refresh)
+    failed = train_runs(todo, overrides, work_dir, jobs, threads, refresh)
     ssl_runs = []
     for seed in seeds:
         if any((name, seed) not in results for name in FDA_BANDS):
@@ -71,13 +71,13 @@ def run_adaptation_table(work_dir: Path, seeds: list[int], overrides: list[str],
             labels = write_pseudo_labels(cfg, checkpoints, work_dir / "pseudo_labels" / f"seed{seed}")
             ssl_runs.append(("gta5_bisenet_fda_ssl", seed, [f"data.target.pseudo_labels={labels}"]))
     refresh()  # the multi-band rows; each SSL run refreshes again as it ends
-    failed += _train_runs(ssl_runs, overrides, work_dir, jobs, threads, refresh)
+    failed += train_runs(ssl_runs, overrides, work_dir, jobs, threads, refresh)
     if failed:
         raise RuntimeError("\n".join(failed))
     return (work_dir / "table.md").read_text()
 
 
-def _check_work_dir(work_dir: Path, overrides: list[str]) -> None:
+def check_work_dir(work_dir: Path, overrides: list[str]) -> None:
     """Refuse a work dir whose runs trained on another version of the synthetic domains, or with other config
     overrides (say another model.pretrained): they would be reused as if they were this call's. A new work dir is
     stamped (generator.json) with the version and the overrides that change what a run learns."""
@@ -108,8 +108,8 @@ def _check_work_dir(work_dir: Path, overrides: list[str]) -> None:
                              "delete it to retrain the table)")
 
 
-def _train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], work_dir: Path, jobs: int,
-                threads: int | None, after_each) -> list[str]:
+def train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], work_dir: Path, jobs: int,
+               threads: int | None, after_each) -> list[str]:
     """Train each (synthetic config name, seed, extra overrides) as its own `train.py` process, `jobs` at a
     time, each with `threads` torch threads (default: the cores shared out; on 2 cores two one-thread runs side
     by side beat one two-thread run after the other, docs/results_synthetic.md), logging to
@@ -167,7 +167,8 @@ def _read_metrics(run_dir: Path) -> dict:
     return {**json.loads((Path(run_dir) / "metrics.json").read_text()), "run_dir": Path(run_dir)}
 
 
-def _finished_runs(work_dir: Path) -> dict:
+def finished_runs(work_dir: Path) -> dict:
+    """(config name, seed) -> metrics.json (plus its run_dir) of every finished run under `work_dir`."""
     results = {}
     for path in sorted(work_dir.glob("**/metrics.json")):
         m = _read_metrics(path.parent)
@@ -175,7 +176,7 @@ def _finished_runs(work_dir: Path) -> dict:
     return results
 
 
-def _write_table(work_dir: Path, results: dict) -> None:
+def write_table(work_dir: Path, results: dict) -> None:
     """Per row: mean ± sample std of the final mIoU over seeds, the gain over source-only, the share of the
     oracle - source-only gap that gain recovers, the seeds' values and the mean wall time of a run."""
     import statistics
