@@ -41,21 +41,21 @@ demo: $(STAMP)
 
 # Every adaptation method against source-only and the oracle on the synthetic domains, three seeds (resumable:
 # finished runs are reused, an interrupted one carries on from its last.pt), at the configs' 128x64 and 500
-# steps; the table lands in docs/results_synthetic.md. Every row starts from one backbone pretrained on
-# randomised scenes (BENCH_PRETRAINED: made once, about 12 minutes on 2 cores; benchmark.py --pretrain-synthetic),
-# what ImageNet weights are to the protocol's rows; delete the file to pretrain it again.
-# BENCH_JOBS trainings side by side, the cores shared out between them (2 on 2 cores: about 40 minutes a seed).
+# steps; the table lands in runs/benchmark_adaptation/table.md (docs/results_synthetic.md quotes it). Every row
+# starts from one backbone pretrained on randomised scenes (BENCH_PRETRAINED: made once by
+# `benchmark.py pretrain-synthetic`), what ImageNet weights are to the protocol's rows; delete the file to
+# pretrain it again. BENCH_JOBS trainings side by side, the cores shared out between them.
 BENCH_ROOT := data/synthetic_benchmark_adaptation
 BENCH_JOBS ?= 2
 # Named by its recipe, so that a file made by an older recipe is not reused.
 BENCH_PRETRAINED := runs/synthetic_pretrained/resnet18_randomised_2400steps.pt
 
 $(BENCH_PRETRAINED): | $(STAMP)
-	$(PYTHON) benchmark.py --pretrain-synthetic $@
+	$(PYTHON) benchmark.py pretrain-synthetic $@
 
 benchmark-synthetic: $(STAMP) $(BENCH_PRETRAINED)
-	$(PYTHON) benchmark.py --adaptation-table --work-dir runs/benchmark_adaptation --seeds 0 1 2 --ssl --jobs $(BENCH_JOBS) \
-	  --into docs/results_synthetic.md model.pretrained=$(BENCH_PRETRAINED) \
+	$(PYTHON) benchmark.py adaptation-table --work-dir runs/benchmark_adaptation --seeds 0 1 2 --ssl --jobs $(BENCH_JOBS) \
+	  model.pretrained=$(BENCH_PRETRAINED) \
 	  data.source.root=$(BENCH_ROOT) data.target.root=$(BENCH_ROOT) data.val.root=$(BENCH_ROOT) train.workers=0
 
 clean-runs:
@@ -80,4 +80,4 @@ gpu-check:
 	  $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 	    --target $(GPU_SITE) $(WHEELS)/*.whl || exit 1; \
 	fi; \
-	$(GPU_PYTHON) benchmark.py --gpu-check --out $(GPU_CHECK_OUT)
+	$(GPU_PYTHON) benchmark.py gpu-check --out $(GPU_CHECK_OUT)

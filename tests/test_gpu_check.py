@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from rtda import bench as benchmark
+from rtda.bench import gpu_check, reports
 from rtda.config import load_config
+from rtda.datasets import fake_layout
 from rtda.utils.distributed import init_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ def test_missing_cityscapesscripts_names_the_wheels(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "cityscapesscripts" else find_spec(name, *a))
     with pytest.raises(benchmark.BenchmarkError, match="cityscapesscripts is missing.*make gpu-wheels"):
-        benchmark.gpu_check(tmp_path / "out.json", torch.device("cpu"), tiny=True)
+        gpu_check.gpu_check(tmp_path / "out.json", torch.device("cpu"), tiny=True)
 
 
 @needs_no_cuda
@@ -65,14 +67,14 @@ def test_make_gpu_check_without_cuda_stops_with_one_line():
 # ------------------------------------------------------------------------------ pieces, for every config
 def test_memory_fit_rule():
     gib = 2**30
-    assert benchmark.memory_fits(int(12 * gib)) == {"16GB": True, "24GB": True}  # 13.7 GiB needed
-    assert benchmark.memory_fits(int(14 * gib)) == {"16GB": False, "24GB": True}  # 15.9 > 15.0
-    assert benchmark.memory_fits(int(20 * gib)) == {"16GB": False, "24GB": False}  # 22.5 > 22.49
+    assert gpu_check.memory_fits(int(12 * gib)) == {"16GB": True, "24GB": True}  # 13.7 GiB needed
+    assert gpu_check.memory_fits(int(14 * gib)) == {"16GB": False, "24GB": True}  # 15.9 > 15.0
+    assert gpu_check.memory_fits(int(20 * gib)) == {"16GB": False, "24GB": False}  # 22.5 > 22.49
 
 
 @pytest.fixture(scope="module")
 def tiny_tree(tmp_path_factory) -> dict:
-    return benchmark.write_layout_tree(tmp_path_factory.mktemp("layouts"), 4, 2, benchmark.TINY_STORED_HW)
+    return fake_layout.write_layout_tree(tmp_path_factory.mktemp("layouts"), 4, 2, gpu_check.TINY_STORED_HW)
 
 
 def test_every_protocol_config_reads_the_written_layouts(tiny_tree):
@@ -82,17 +84,17 @@ def test_every_protocol_config_reads_the_written_layouts(tiny_tree):
     from rtda.datasets import build_dataset
     from rtda.models import build_model
 
-    configs = benchmark.protocol_configs()
+    configs = gpu_check.protocol_configs()
     assert {p.stem for p in configs} >= {"cityscapes_bisenet", "gta5_bisenet_fda_ssl", "gta5_deeplabv2_dacs"}
     assert not any("synthetic" in str(p) or "_base_" in str(p) for p in configs)
     deeplab = None
     for path in configs:
         cfg = load_config(path)
         assert cfg.train.amp == "auto", path
-        full = load_config(path, benchmark.trainer_overrides(cfg, tiny_tree, 2, tiny=False))
+        full = load_config(path, gpu_check.trainer_overrides(cfg, tiny_tree, 2, tiny=False))
         assert full.model.pretrained == "none" and full.train.iters == 2
         assert full.data.source.size == cfg.data.source.size  # the protocol size is kept
-        run_cfg = load_config(path, benchmark.trainer_overrides(cfg, tiny_tree, 1, tiny=True))
+        run_cfg = load_config(path, gpu_check.trainer_overrides(cfg, tiny_tree, 1, tiny=True))
         for role in ("source", "target", "val"):
             item = build_dataset(getattr(run_cfg.data, role), run_cfg, role)[0]
             assert item["image"].shape == (3, 32, 64), (path.stem, role)
@@ -131,18 +133,18 @@ def test_a_hanging_ddp_run_is_ended_with_its_ranks(tmp_path, tiny_tree):
     import time
 
     started = time.perf_counter()
-    entry = benchmark.check_ddp(torch.device("cpu"), tiny_tree, tmp_path, tiny=True, timeout=1.0)
+    entry = gpu_check.check_ddp(torch.device("cpu"), tiny_tree, tmp_path, tiny=True, timeout=1.0)
     assert time.perf_counter() - started < 30
     assert entry["ok"] is False and entry["returncode"] is None and "did not finish within 1 s" in entry["error"]
 
 
 def test_budget_skips_configs_and_fails_the_check(monkeypatch, tmp_path, tiny_tree):
-    monkeypatch.setattr(benchmark, "check_latency", lambda *a, **k: {})
-    monkeypatch.setattr(benchmark, "check_fp16", lambda *a, **k: {"ok": True, "step_s": 1.0, "peak_memory_bytes": 1})
-    monkeypatch.setattr(benchmark, "check_ddp", lambda *a, **k: {"ok": True, "processes": 2, "backend": "stub",
+    monkeypatch.setattr(gpu_check, "check_latency", lambda *a, **k: {})
+    monkeypatch.setattr(gpu_check, "check_fp16", lambda *a, **k: {"ok": True, "step_s": 1.0, "peak_memory_bytes": 1})
+    monkeypatch.setattr(gpu_check, "check_ddp", lambda *a, **k: {"ok": True, "processes": 2, "backend": "stub",
                                                                   "wall_s": 0.0})
-    configs = benchmark.protocol_configs()[:2]
-    result = benchmark.gpu_check(tmp_path / "out.json", torch.device("cpu"), configs, tiny=True, budget_s=0.0)
+    configs = gpu_check.protocol_configs()[:2]
+    result = gpu_check.gpu_check(tmp_path / "out.json", torch.device("cpu"), configs, tiny=True, budget_s=0.0)
     assert result["skipped"] == [p.stem for p in configs] and not result["configs"] and result["ok"] is False
     assert json.loads((tmp_path / "out.json").read_text())["skipped"] == result["skipped"]
 
@@ -152,7 +154,7 @@ def test_tiny_gpu_check_through_the_cli(monkeypatch, tmp_path, capsys):
     """All parts at tiny sizes on CPU: a BiSeNet config whose FDA round reads pseudo-labels, and DeepLabV2 + DACS
     with its recipe crop; the latency of both models; torchrun with 2 processes."""
     chosen = [REPO / "configs" / "gta5_bisenet_fda_ssl.yaml", REPO / "configs" / "gta5_deeplabv2_dacs.yaml"]
-    monkeypatch.setattr(benchmark, "protocol_configs", lambda: chosen)
+    monkeypatch.setattr(gpu_check, "protocol_configs", lambda: chosen)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the torchrun ranks
     out = tmp_path / "check" / "gpu_check.json"
     assert benchmark.main(["--gpu-check", "--device", "cpu", "--tiny", "--out", str(out)]) == 0
@@ -171,5 +173,5 @@ def test_tiny_gpu_check_through_the_cli(monkeypatch, tmp_path, capsys):
     ddp = result["ddp"]
     assert ddp["ok"] and ddp["iterations"] == 1 and ddp["rng_states"] == 2, ddp
     assert result["fp16"]["ok"] and result["fp16"]["amp"] == "float16", result["fp16"]  # CPU autocast here
-    table = benchmark.gpu_check_markdown(result)
+    table = reports.gpu_check_markdown(result)
     assert table in printed and "| `gta5_deeplabv2_dacs` | DeepLabV2-R101 + dacs | 2 | 32x64 |" in table
