@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from rtda import bench as benchmark
+from rtda import runs
 from rtda.bench import common, latency, plot, train_cost
 from rtda.bench import tables as tabulate
 from rtda.config import from_dict, load_config, to_dict
@@ -561,14 +562,14 @@ def test_an_interrupted_run_is_resumed_from_its_own_last_checkpoint(tmp_path, sy
     stopped = {seed: train.train(load_config(config, tiny_overrides(synthetic_root, **{
         "seed": seed, "train.iters": 4, "train.max_wall_time": 1e-6})), work_dir=work) for seed in (0, 1)}
     assert all(load_checkpoint(d / "last.pt")["iteration"] == 1 for d in stopped.values())
-    assert synthetic_table._interrupted_run(work, "gta5_bisenet", 0) == stopped[0] / "last.pt"
+    assert runs.interrupted_run(work, "gta5_bisenet", 0) == stopped[0] / "last.pt"
     failed = synthetic_table.train_runs([("gta5_bisenet", 0, [])], tiny_overrides(synthetic_root, **{"train.iters": 4}),
                                    work, 1, 1, lambda: None)
     assert failed == [] and "resuming gta5_bisenet seed 0" in capsys.readouterr().err
     assert load_checkpoint(stopped[0] / "last.pt")["iteration"] == 4 and (stopped[0] / "metrics.json").is_file()
     assert sorted(p.name for p in (work / "gta5_bisenet").iterdir()) == sorted(d.name for d in stopped.values())
-    assert synthetic_table._interrupted_run(work, "gta5_bisenet", 0) is None
-    assert synthetic_table._interrupted_run(work, "gta5_bisenet", 1) == stopped[1] / "last.pt"  # untouched
+    assert runs.interrupted_run(work, "gta5_bisenet", 0) is None
+    assert runs.interrupted_run(work, "gta5_bisenet", 1) == stopped[1] / "last.pt"  # untouched
 
 
 def test_complexity_tables_name_the_flop_counter(runs_dir):

@@ -21,7 +21,7 @@ from rtda.adapt.mic import MIC
 from rtda.adapt.source_only import SourceOnly
 from rtda.config import Config, ConfigError
 
-__all__ = ["STRATEGIES", "Strategy", "build_strategy", "write_pseudo_labels", "SourceOnly", "Adversarial", "MinEnt",
+__all__ = ["STRATEGIES", "Strategy", "build_strategy", "SourceOnly", "Adversarial", "MinEnt",
            "AdvEnt", "FDA", "DACS", "MIC"]
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -44,11 +44,3 @@ def build_strategy(cfg: Config, model: nn.Module) -> Strategy:
         raise ConfigError(f"adapt.name = {cfg.adapt.name!r}: expected one of {', '.join(STRATEGIES)}") from None
     return strategy_class(cfg, model)
 
-
-def __getattr__(name: str):
-    # pseudo_labels is imported on first use only: imported here, `python -m rtda.adapt.pseudo_labels` would find
-    # its own module already loaded and warn.
-    if name == "write_pseudo_labels":
-        from rtda.adapt.pseudo_labels import write_pseudo_labels
-        return write_pseudo_labels
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

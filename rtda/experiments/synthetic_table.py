@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rtda.config import NOT_RESULT_KEYS, load_config
 from rtda.experiments.common import REPO_ROOT, SYNTHETIC, ExperimentError, file_sha256
+from rtda.runs import METRICS, interrupted_run, read_metrics, write_metrics
 
 # Runs of one seed in the order they train: the two references, one of each method, then the variants.
 # (FDA beta 0.09 is the one that fits 128x64: a band of floor(64 * 0.09) = 5 pixels; 0.01 swaps nothing there.)
@@ -38,7 +39,7 @@ def run_adaptation_table(work_dir: Path, seeds: list[int], overrides: list[str],
     docs quote that file; this runner never edits them)."""
     from torch.utils.data import DataLoader
 
-    from rtda.adapt import write_pseudo_labels
+    from rtda.adapt.pseudo_labels import write_pseudo_labels
     from rtda.datasets import build_dataset
     from rtda.evaluation import evaluate, load_models, metrics_from_confusion
     from rtda.utils.distributed import init_distributed
@@ -65,7 +66,7 @@ def run_adaptation_table(work_dir: Path, seeds: list[int], overrides: list[str],
             metrics = {"final": metrics_from_confusion(confusion), "seed": seed, "wall_time_s": 0.0}
             mbt_dir = work_dir / "fda_mbt" / f"seed{seed}"
             mbt_dir.mkdir(parents=True, exist_ok=True)
-            (mbt_dir / "metrics.json").write_text(json.dumps({**metrics, "config_name": MBT}, indent=2))
+            write_metrics(mbt_dir, {**metrics, "config_name": MBT})
         if ssl and ("gta5_bisenet_fda_ssl", seed) not in results:  # FDA's self-supervised round on MBT labels
             cfg = load_config(SYNTHETIC / "gta5_bisenet_fda_ssl.yaml", [f"seed={seed}", *overrides])
             labels = write_pseudo_labels(cfg, checkpoints, work_dir / "pseudo_labels" / f"seed{seed}")
@@ -129,7 +130,7 @@ def train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], wor
                 log = logs / f"{name}_seed{seed}.log"
                 command = [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(SYNTHETIC / f"{name}.yaml"),
                            f"seed={seed}", *overrides, *extra, "--work-dir", str(work_dir)]
-                interrupted = _interrupted_run(work_dir, name, seed)
+                interrupted = interrupted_run(work_dir, name, seed)
                 if interrupted is not None:  # a session that ended mid-run: carry on from its last checkpoint
                     command += ["--resume", str(interrupted)]
                 print(f"benchmark: {'resuming' if interrupted else 'training'} {name} seed {seed} (log: {log})",
@@ -151,27 +152,11 @@ def train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], wor
     return failed
 
 
-def _interrupted_run(work_dir: Path, name: str, seed: int) -> Path | None:
-    """The last.pt of the newest unfinished run (no metrics.json) of `name` with this seed, if there is one."""
-    import yaml
-
-    for run in sorted((work_dir / name).glob("*/last.pt"), key=lambda p: p.parent.name, reverse=True):
-        config = run.parent / "config.yaml"
-        if not (run.parent / "metrics.json").exists() and config.is_file():
-            if (yaml.safe_load(config.read_text()) or {}).get("seed") == seed:
-                return run
-    return None
-
-
-def _read_metrics(run_dir: Path) -> dict:
-    return {**json.loads((Path(run_dir) / "metrics.json").read_text()), "run_dir": Path(run_dir)}
-
-
 def finished_runs(work_dir: Path) -> dict:
     """(config name, seed) -> metrics.json (plus its run_dir) of every finished run under `work_dir`."""
     results = {}
-    for path in sorted(work_dir.glob("**/metrics.json")):
-        m = _read_metrics(path.parent)
+    for path in sorted(work_dir.glob(f"**/{METRICS}")):
+        m = {**read_metrics(path.parent), "run_dir": path.parent}
         results[m["config_name"], m["seed"]] = m
     return results
 
