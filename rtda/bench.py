@@ -1892,7 +1892,7 @@ def _cache_format_choice(cached, count: int) -> dict:
 
     from PIL import Image
 
-    from rtda.datasets.io import _spng
+    from rtda.datasets.io import spng as _spng
 
     entries = [e for e in (cached._image_entry, cached._label_entry) if e is not None]
     encoded = []

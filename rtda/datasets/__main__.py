@@ -65,7 +65,7 @@ def _gib(nbytes: int) -> str:
 def print_forms(built: dict) -> None:
     print("\nlabel form per role (told from the values and modes of the label files; data.<role>.label_form overrides):")
     for role, ds in built.items():
-        notes = "; ".join(ds.form_notes)
+        notes = "; ".join(ds.label_form_notes)
         print(f"  {role:8s}{ds.describe_form()}" + (f"  [{notes}]" if notes else ""))
 
 
@@ -98,7 +98,7 @@ def _scan_one(index: int) -> tuple[int, list[str], int]:
             problems.append(str(exc))
     if ds.labels is not None:
         try:
-            _, off = ds._train_ids_counted(index)
+            _, off = ds.decode_label(index)
         except DatasetError as exc:
             problems.append(str(exc))
     return index, problems, off

@@ -5,7 +5,7 @@ train ids (absent without labels), `name` the file stem. The subclasses only fin
 
 Per item: the resized image and label come from the prepared cache (`datasets/cache.py`) when a complete one
 matches these files, size and label form, else from the files; augmentations run after either, so both give
-the same bytes. The label encoding (`datasets/forms.py`) is detected from a sample of the files unless given.
+the same bytes. The label form (`datasets/label_forms.py`) is detected from a sample of the files unless given.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from rtda.datasets.forms import COLOUR_TYPES, DESCRIPTIONS, ENCODINGS, decode_train_ids, detect_encoding
-from rtda.datasets.io import DatasetError, png_header, read_image
+from rtda.datasets.io import COLOUR_TYPE_NAMES, DatasetError, png_header, read_image
+from rtda.datasets.label_forms import DESCRIPTIONS, LABEL_FORMS, PNG_COLOUR_TYPES, decode_train_ids, detect_label_form
 from rtda.datasets.transforms import augment_sample, resize_image, resize_label
 
 MAX_ASPECT_CHANGE = 0.10  # pre-flight: a label whose aspect ratio differs more from its image's is mispaired
@@ -31,8 +31,8 @@ CHECK_THREADS = 16  # header reads are I/O: threads overlap them (network file s
 class ImageLabelDataset(Dataset):
     """Items from parallel lists of image files and label PNGs (`labels=None`: images only).
 
-    `label_encoding`: `auto` (detected from the files), `label_ids`, `train_ids` or `color` (datasets/forms.py);
-    `encoding_hint` the encoding the file names suggest, for values that fit two alike.
+    `label_form`: `auto` (detected from the files), `label_ids`, `train_ids` or `color` (datasets/label_forms.py);
+    `form_hint` the label form the file names suggest, for values that fit two alike.
     `full_labels`: keep labels at their stored size (images are still resized), for full-resolution scoring.
     `cache`: the folder of prepared caches (`data.cache`), or None to always read the files.
     """
@@ -40,7 +40,7 @@ class ImageLabelDataset(Dataset):
     dataset_name = "images"
 
     def __init__(self, images: list[Path], labels: list[Path] | None, names: list[str], size,
-                 label_encoding: str = "auto", encoding_hint: str | None = None, full_labels: bool = False,
+                 label_form: str = "auto", form_hint: str | None = None, full_labels: bool = False,
                  augment=None, seed: int = 0, cache=None, label_form_key: str = "label_form",
                  interpolation: str = "bilinear"):
         self.interpolation = interpolation  # image resize (`data.*.interpolation`); part of the cache key
@@ -55,19 +55,19 @@ class ImageLabelDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.label_form_key = label_form_key
-        self.form_notes: list[str] = []
-        self.label_encoding = None
+        self.label_form_notes: list[str] = []
+        self.label_form = None
         if labels is not None:
-            if label_encoding == "auto":
-                detection = detect_encoding(labels, what=self.describe_root(), key=label_form_key, hint=encoding_hint)
-                self.label_encoding = detection.encoding
-                self.form_notes += detection.notes
-                self.form_notes.insert(0, f"detected from {detection.sampled} of {len(labels)} label files")
-            elif label_encoding in ENCODINGS:
-                self.label_encoding = label_encoding
-                self.form_notes.append(f"set by {label_form_key}")
+            if label_form == "auto":
+                detection = detect_label_form(labels, what=self.describe_root(), key=label_form_key, hint=form_hint)
+                self.label_form = detection.label_form
+                self.label_form_notes += detection.notes
+                self.label_form_notes.insert(0, f"detected from {detection.sampled} of {len(labels)} label files")
+            elif label_form in LABEL_FORMS:
+                self.label_form = label_form
+                self.label_form_notes.append(f"set by {label_form_key}")
             else:
-                raise DatasetError(f"{label_form_key} = {label_encoding!r}: expected auto or one of {', '.join(ENCODINGS)}")
+                raise DatasetError(f"{label_form_key} = {label_form!r}: expected auto or one of {', '.join(LABEL_FORMS)}")
         # In shared memory, so DataLoader workers (persistent ones included) see set_epoch from the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         # Off-palette colour pixels and files: one row per DataLoader worker (row 0: the main process), so no two
@@ -87,7 +87,7 @@ class ImageLabelDataset(Dataset):
         """One line: the layout and label form read (subclasses name their layouts)."""
         if self.labels is None:
             return "images only"
-        return DESCRIPTIONS[self.label_encoding]
+        return DESCRIPTIONS[self.label_form]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -106,12 +106,14 @@ class ImageLabelDataset(Dataset):
         return self.labels[index]
 
     # --------------------------------------------------------------------------------------------- reading
-    def _train_ids_counted(self, index: int) -> tuple[np.ndarray, int]:
-        return decode_train_ids(self.label_path(index), self.label_encoding)
+    def decode_label(self, index: int) -> tuple[np.ndarray, int]:
+        """(uint8 train ids [H, W] at the stored size, off-palette pixels read as 255) of item `index`'s label,
+        with no off-palette report (the caller counts them)."""
+        return decode_train_ids(self.label_path(index), self.label_form)
 
     def read_train_ids(self, index: int) -> np.ndarray:
         """The label of item `index` as uint8 train ids at its stored size (no resize, no augmentation)."""
-        train_ids, off = self._train_ids_counted(index)
+        train_ids, off = self.decode_label(index)
         if off:
             self._report_off_palette(self.label_path(index), off)
         return train_ids
@@ -139,7 +141,7 @@ class ImageLabelDataset(Dataset):
         image = resize_image(read_image(self.images[index]), self.size_hw, self.interpolation) if image else None
         want_label, label, off = label, None, 0
         if self.labels is not None and want_label:
-            train_ids, off = self._train_ids_counted(index)
+            train_ids, off = self.decode_label(index)
             label = torch.from_numpy(train_ids)
             if not self.full_labels:
                 label = resize_label(label, self.size_hw)  # also fixes labels stored at another size than the image
@@ -193,7 +195,7 @@ class ImageLabelDataset(Dataset):
         entries = [image_entry(cache_dir, self.images, self.size_hw, self.interpolation)]
         shape = self.label_shape()
         if shape is not None:
-            entries.append(label_entry(cache_dir, self.labels, shape, self.label_encoding, self.full_labels))
+            entries.append(label_entry(cache_dir, self.labels, shape, self.label_form, self.full_labels))
         return entries
 
     def attach_cache(self, cache_dir) -> None:
@@ -260,15 +262,15 @@ class ImageLabelDataset(Dataset):
                 problems.append(header)
             elif not header.complete:
                 problems.append(_truncated(path))
-        allowed = COLOUR_TYPES.get(self.label_encoding, ())
-        wanted = "/".join(f"8-bit {_COLOUR_NAMES[t]}" for t in allowed)
+        allowed = PNG_COLOUR_TYPES.get(self.label_form, ())
+        wanted = "/".join(f"8-bit {COLOUR_TYPE_NAMES[t]}" for t in allowed)
         for image, path, image_header, header in zip(images, labels, image_headers, label_headers):
             if isinstance(header, str):
                 problems.append(header)
             elif not header.complete:
                 problems.append(_truncated(path))
             elif header.bit_depth != 8 or header.colour_type not in allowed:
-                problems.append(f"{path}: label PNG is {header.kind}, expected {wanted} for the {self.label_encoding} "
+                problems.append(f"{path}: label PNG is {header.kind}, expected {wanted} for the {self.label_form} "
                                 f"labels of {self.describe_root()} ({self.describe_form()})")
             elif not isinstance(image_header, str):
                 label_aspect = header.width / header.height
@@ -279,8 +281,6 @@ class ImageLabelDataset(Dataset):
                                     "same aspect ratio, resized); is the label paired with the right image?")
         return problems
 
-
-_COLOUR_NAMES = {0: "greyscale", 2: "RGB", 3: "palettised", 6: "RGBA"}
 
 
 def _header_or_error(path: Path):

@@ -218,9 +218,10 @@ def image_entry(cache_dir, images: list[Path], size_hw: tuple[int, int], interpo
                       {"resize": f"{interpolation}, antialias", **_resize_params()})
 
 
-def label_entry(cache_dir, labels: list[Path], shape_hw: tuple[int, int], encoding: str, full: bool) -> CacheEntry:
+def label_entry(cache_dir, labels: list[Path], shape_hw: tuple[int, int], label_form: str, full: bool) -> CacheEntry:
     return CacheEntry(cache_dir, "labels", labels, tuple(shape_hw),
-                      {"encoding": encoding, "resize": "none (stored size)" if full else "nearest", **_resize_params()})
+                      # the manifest key stays "encoding": prepared caches on disk must still match
+                      {"encoding": label_form, "resize": "none (stored size)" if full else "nearest", **_resize_params()})
 
 
 # --------------------------------------------------------------------------------------------- prepare

@@ -74,7 +74,7 @@ class _LabelCounts(Dataset):
 
 
 def _cache_key(dataset) -> str:
-    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{dataset.label_encoding}\n".encode())
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{dataset.label_form}\n".encode())
     for path in dataset.labels:
         path = Path(path).resolve()
         st = path.stat()
