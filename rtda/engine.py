@@ -48,7 +48,7 @@ from rtda.config import (
     parse_duration,
     to_dict,
 )
-from rtda.datasets import DatasetError, build_dataset, check_dataset
+from rtda.datasets import DatasetError, build_dataset
 from rtda.datasets.samplers import EpochSampler, ShardSampler
 from rtda.evaluation import CLASS_NAMES, colorize, evaluate, iou_table, metrics_from_confusion
 from rtda.models import build_model
@@ -305,7 +305,7 @@ def build_data(cfg: Config, dist: Distributed) -> Data:
         steps_per_epoch(len(target_set), per_rank_batch, dist.world_size, "target")
     for dataset in (source_set, target_set, val_set):  # every file present, every header as expected: seconds
         if dataset is not None:
-            check_dataset(dataset)
+            dataset.check_files()
     max_iters = t.iters if t.iters is not None else t.epochs * epoch_steps
     return Data(source_set, val_set, target_set, per_rank_batch, max_iters)
 
