@@ -43,6 +43,7 @@ import torch
 import torchvision
 
 from rtda.datasets.io import DatasetError
+from rtda.utils.files import atomic_write
 
 FORMAT_VERSION = 1
 SAVE_EVERY_S = 2.0  # how often a running prepare makes its progress durable
@@ -186,7 +187,7 @@ class CacheEntry:
 
     def save_progress(self, data_fd: int) -> None:
         os.fsync(data_fd)  # the items first, so the progress never claims an item the disk lacks
-        _atomic_write(self.progress_path, lambda f: np.save(f, self.progress))
+        atomic_write(self.progress_path, lambda f: np.save(f, self.progress))
 
     def finish(self, data_fd: int) -> None:
         self.save_progress(data_fd)
@@ -195,17 +196,8 @@ class CacheEntry:
                     "shape": list(self.shape), "data_offset": self.data_offset, "params": self.params,
                     "first_file": str(self.files[0]), "off_palette_pixels": int(off.sum()),
                     "off_palette_files": int(np.count_nonzero(off)), "prepared": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
+        atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
         self.manifest = manifest
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _resize_params() -> dict:
