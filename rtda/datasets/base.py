@@ -1,6 +1,6 @@
 """What the GTA5 and Cityscapes loaders share: a list of image (+ label) files turned into items.
 
-An item (docs/architecture.md): `image` uint8 [3, H, W] raw RGB resized to `size`, `label` int64 [H, W]
+An item (docs/architecture.md): `image` uint8 [3, H, W] raw RGB resized to `size`, `label` uint8 [H, W]
 train ids (absent without labels), `name` the file stem. The subclasses only find the files and the layout.
 
 Per item: the resized image and label come from the prepared cache (`datasets/cache.py`) when a complete one
@@ -187,7 +187,7 @@ class ImageLabelDataset(Dataset):
 
     def cache_entries(self, cache_dir=None) -> list:
         """The cache entries this set reads: its images at `size`, and its labels (when it has cacheable ones)."""
-        from rtda.datasets.cache import image_entry, label_entry  # the cache module imports this one
+        from rtda.datasets.cache import image_entry, label_entry  # on use: only sets with a cache need it
 
         cache_dir = cache_dir if cache_dir is not None else self.cache_dir
         if cache_dir is None:
@@ -237,7 +237,7 @@ class ImageLabelDataset(Dataset):
         """Fast pre-flight check before training: every file present, a complete PNG (header and end chunk),
         labels in the PNG colour type and bit depth of the set's label form, label sizes that fit their image.
 
-        Headers only (45 bytes a file, read by a thread pool): a few seconds for 25,000 files. Raises one
+        Headers only (45 bytes a file, read by a thread pool). Raises one
         DatasetError naming the first bad file and what was expected (and how many fail); returns the number of
         files checked. Values inside the files are the full scan's job: `python -m rtda.datasets --config FILE --check`.
         """

@@ -2,12 +2,9 @@
 
     python -m rtda.datasets prepare --config configs/gta5_bisenet.yaml [--workers N] [key=value ...]
 
-Format, chosen by measurement (docs/benchmarks.md, "Data loading"): one uint8 array per entry in a memory-mapped
-`.npy` file, items `[N, H, W, 3]` for images and `[N, H, W]` for train-id labels. Reading an item is a copy
-out of the page cache (about 1 ms for a 1280x720 image and its label) where a pre-resized PNG still costs
-14 ms to decode with pyspng, 32 ms with PIL for the original 1914x1052 frame: only the arrays clear the 5x
-target. The price is disk: 2.8 MB per 1280x720 image and 0.9 MB per label (the 2,500-frame GTA5 subset:
-9.2 GB; all 24,966 frames: 92 GB; Cityscapes train at 1024x512: 6.2 GB).
+Format (the measurements behind it: docs/benchmarks.md, "Data loading"): one uint8 array per entry in a
+memory-mapped `.npy` file, items `[N, H, W, 3]` for images and `[N, H, W]` for train-id labels. Reading an item
+is a copy out of the page cache, with no decoding; the price is disk (H * W * 3 bytes per image, H * W per label).
 
 An entry is one array: a role's images at its size, or its labels (train ids at its size, or at their stored
 size for `eval.label_size: full`). Its folder `<data.cache>/<kind>-<key>/` is named by a hash of the file
@@ -265,6 +262,22 @@ def _locked(entries: list[CacheEntry]):
         yield
 
 
+def _record_results(entries: list[CacheEntry], fds: list[int], need_of: dict, results, bar) -> None:
+    """Mark each finished item done in the entries it was written to, saving the progress every SAVE_EVERY_S
+    seconds and finishing (manifest last) every entry at the end."""
+    last_save = time.monotonic()
+    for index, off in results:
+        for k in need_of[index]:
+            entries[k].mark_done(index, off if entries[k].kind == "labels" else 0)
+        bar.update()
+        if time.monotonic() - last_save > SAVE_EVERY_S:
+            for entry, fd in zip(entries, fds):
+                entry.save_progress(fd)
+            last_save = time.monotonic()
+    for entry, fd in zip(entries, fds):
+        entry.finish(fd)
+
+
 def prepare_dataset(dataset, role: str, workers: int, progress: bool = True) -> list[CacheEntry]:
     """Write whatever is missing of `dataset`'s cache entries; returns the entries (all ready on return).
 
@@ -290,7 +303,6 @@ def prepare_dataset(dataset, role: str, workers: int, progress: bool = True) -> 
         bar = tqdm(total=len(tasks), unit="item", desc=f"prepare {role}", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, smoothing=0.1)
         pool = None
-        last_save = time.monotonic()
         try:
             if workers > 1 and len(tasks) > 1:
                 pool = multiprocessing.get_context().Pool(min(workers, len(tasks)), _init_worker, (dataset, targets))
@@ -298,17 +310,7 @@ def prepare_dataset(dataset, role: str, workers: int, progress: bool = True) -> 
             else:
                 _init_worker(dataset, targets, in_process=True)
                 results = map(_work, tasks)
-            need_of = dict(tasks)
-            for index, off in results:
-                for k in need_of[index]:
-                    entries[k].mark_done(index, off if entries[k].kind == "labels" else 0)
-                bar.update()
-                if time.monotonic() - last_save > SAVE_EVERY_S:
-                    for entry, fd in zip(entries, fds):
-                        entry.save_progress(fd)
-                    last_save = time.monotonic()
-            for entry, fd in zip(entries, fds):
-                entry.finish(fd)
+            _record_results(entries, fds, dict(tasks), results, bar)
         except BaseException as exc:  # keep what was written, whatever stopped the work
             if pool is not None:
                 pool.terminate()

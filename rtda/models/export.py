@@ -13,7 +13,7 @@ TensorRT plan for it; `--dynamic` leaves batch, height and width free. The weigh
 side `.onnx.data` file); model, classes and input convention are in its metadata.
 
 Exporter: `auto` uses torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`): it needs no
-`onnxscript`, behaves the same on torch 2.4 to 2.14 and exports these models in about 2 s; `dynamo` is the
+`onnxscript` and behaves the same on torch 2.4 to 2.14; `dynamo` is the
 torch.export-based exporter (torch >= 2.6, needs `onnxscript`), which `auto` falls back to when the
 TorchScript exporter is missing or fails. Both give the same ONNX Runtime speed on BiSeNet-R18
 (docs/benchmarks.md). After writing, the file is run in ONNX Runtime on a random image and compared with the
@@ -97,7 +97,9 @@ def export_onnx(deployed: nn.Module, path: str | Path, size: tuple[int, int], dy
             onnx.checker.check_model(model)
         except Exception as exc:  # onnx raises its own ValidationError
             raise ExportError(f"{path}: the exported graph is not valid ONNX ({_first_line(exc)})") from None
-        atomic_write(path, lambda handle: onnx.save_model(model, handle, save_as_external_data=False))
+        serialized = io.BytesIO()  # onnx reads a file handle's name as a path: hand it one without
+        onnx.save_model(model, serialized, save_as_external_data=False)
+        atomic_write(path, lambda handle: handle.write(serialized.getvalue()))
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     dims = model.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
