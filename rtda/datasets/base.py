@@ -129,11 +129,17 @@ class ImageLabelDataset(Dataset):
         slot = 0 if worker is None else 1 + worker.id % (OFF_PALETTE_SLOTS - 1)
         self._off_palette[slot, 0] += count
         self._off_palette[slot, 1] += 1
-        if int(self._off_palette_reported) == 0:  # the first one in any process of this run (shared flag)
-            self._off_palette_reported.fill_(1)
+        if self._first_off_palette_report():
             warnings.warn(f"{path}: {count} label pixels have colours outside the Cityscapes palette; they are read "
                           "as ignore (255). Reported once per run; `python -m rtda.datasets --config FILE --check` counts "
                           "them in every file", stacklevel=3)
+
+    def _first_off_palette_report(self) -> bool:
+        """True the first time any process of this run asks (a shared flag), so off-palette pixels warn once."""
+        if int(self._off_palette_reported):
+            return False
+        self._off_palette_reported.fill_(1)
+        return True
 
     def load_uncached(self, index: int, image: bool = True, label: bool = True):
         """(image uint8 [3, H, W] at `size`, label uint8 [H, W] train ids, off-palette pixels) from the files;
@@ -211,8 +217,7 @@ class ImageLabelDataset(Dataset):
             else:
                 self._label_entry = entry
                 pixels, files = entry.manifest.get("off_palette_pixels", 0), entry.manifest.get("off_palette_files", 0)
-                if pixels and int(self._off_palette_reported) == 0:
-                    self._off_palette_reported.fill_(1)
+                if pixels and self._first_off_palette_report():
                     warnings.warn(f"{self.describe_root()}: {pixels} label pixels in {files} files have colours outside "
                                   "the Cityscapes palette; they are read as ignore (255) (counted by `python -m rtda.datasets "
                                   "prepare`)", stacklevel=3)
