@@ -188,7 +188,7 @@ def test_without_pyspng_the_same_pixels_and_one_line_naming_the_install(tmp_path
     write_gta5_form(tmp_path / "GTA5", "gta5_trainids", count=2)
     with_spng = GTA5Dataset(tmp_path / "GTA5", SIZE)
     fast = [with_spng[i] for i in range(2)]
-    monkeypatch.setattr(io, "_spng", None)
+    monkeypatch.setattr(io, "spng", None)
     assert_same_items(GTA5Dataset(tmp_path / "GTA5", SIZE), fast)
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  source: {{name: gta5, root: '{tmp_path / 'GTA5'}', size: {SIZE}}}\n"

@@ -12,7 +12,7 @@ from PIL import Image
 
 import rtda.datasets.__main__ as cli
 from rtda.config import ConfigError, SyntheticConfig
-from rtda.datasets import CityscapesDataset, DatasetError, GTA5Dataset, check_dataset, synthetic
+from rtda.datasets import CityscapesDataset, DatasetError, GTA5Dataset, synthetic
 
 from conftest import HEIGHT, WIDTH, save_png, write_cityscapes_form, write_gta5_form
 
@@ -33,7 +33,7 @@ def snapshot(root: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- pre-flight
 def test_preflight_passes_a_good_tree_and_counts_the_files(tmp_path):
     write_cityscapes_form(tmp_path, "cityscapes_official")
-    assert check_dataset(CityscapesDataset(tmp_path, "train", FULL)) == 8
+    assert CityscapesDataset(tmp_path, "train", FULL).check_files() == 8
     assert CityscapesDataset(tmp_path, "train", FULL, labels=False).check_files() == 4
 
 

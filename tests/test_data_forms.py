@@ -49,7 +49,7 @@ def write(root: Path, form: str, **kwargs):
 def test_every_form_is_detected_and_read_as_train_ids(tmp_path, form):
     written = write(tmp_path, form)
     ds = build(tmp_path, form)
-    assert ds.label_encoding == ENCODING[form]
+    assert ds.label_form == ENCODING[form]
     for index in range(len(ds)):
         item = ds[index]
         assert item["label"].dtype == torch.uint8 and item["image"].shape == (3, HEIGHT, WIDTH)
@@ -61,7 +61,7 @@ def test_form_descriptions_and_the_official_pick(tmp_path):
     both = write_cityscapes_form(tmp_path / "both", "cityscapes_trainids")
     ds = CityscapesDataset(tmp_path / "both", "train", FULL)
     assert ds.label_suffix == "_gtFine_labelIds.png" and ds.describe_form().startswith("Cityscapes official")
-    assert any("also has *_gtFine_labelTrainIds.png" in note and "the official one" in note for note in ds.form_notes)
+    assert any("also has *_gtFine_labelTrainIds.png" in note and "the official one" in note for note in ds.label_form_notes)
     # asking for train ids reads the labelTrainIds files, with the same result
     forced = CityscapesDataset(tmp_path / "both", "train", FULL, label_form="train_ids")
     assert forced.label_suffix == "_gtFine_labelTrainIds.png"
@@ -70,7 +70,7 @@ def test_form_descriptions_and_the_official_pick(tmp_path):
 
     write_cityscapes_form(tmp_path / "trainids", "cityscapes_trainids", both_label_files=False)
     only = CityscapesDataset(tmp_path / "trainids", "val", FULL)
-    assert only.label_encoding == "train_ids"
+    assert only.label_form == "train_ids"
     assert only.describe_form().startswith("Cityscapes after createTrainIdLabelImgs")
     write_cityscapes_form(tmp_path / "course", "cityscapes_course")
     assert CityscapesDataset(tmp_path / "course", "val", FULL).describe_form().startswith("Cityscapes course zip")
@@ -83,8 +83,8 @@ def test_values_decide_not_names(tmp_path):
     for stem, ids in written.items():
         save_png(tmp_path / f"gtFine/val/lindau/{stem}_gtFine_labelIds.png", ID_TO_TRAIN_ID[ids])
     ds = CityscapesDataset(tmp_path, "val", FULL)
-    assert ds.label_encoding == "train_ids"
-    assert any("names suggest label_ids, but the values are train_ids" in note for note in ds.form_notes)
+    assert ds.label_form == "train_ids"
+    assert any("names suggest label_ids, but the values are train_ids" in note for note in ds.label_form_notes)
     assert np.array_equal(ds[0]["label"].numpy(), ID_TO_TRAIN_ID[written[ds.names[0]]])
 
 
@@ -96,7 +96,7 @@ def test_a_retrained_gta5_set_is_not_read_as_label_ids(tmp_path):
         img.putpalette(np.random.default_rng(1).integers(0, 256, 768, dtype=np.uint8).tolist())
         img.save(tmp_path / "labels" / f"{stem}.png")
     ds = GTA5Dataset(tmp_path, FULL)
-    assert ds.label_encoding == "train_ids"
+    assert ds.label_form == "train_ids"
     ignored = np.mean(ds[0]["label"].numpy() == 255)
     assert ignored == pytest.approx(np.mean(ID_TO_TRAIN_ID[written["00001"]] == 255))
 
@@ -110,14 +110,14 @@ def test_values_fitting_two_forms_are_an_error_listing_both(tmp_path):
     message = str(info.value)
     assert "fit label_ids and train_ids alike" in message and "set data.source.label_form to one of" in message
     assert "00001.png" in message and "\n" not in message
-    assert GTA5Dataset(tmp_path, FULL, label_form="train_ids").label_encoding == "train_ids"  # the override
+    assert GTA5Dataset(tmp_path, FULL, label_form="train_ids").label_form == "train_ids"  # the override
     # palettised with the official label-id palette: the palette settles it
     for stem in ("00001", "00002"):
         img = Image.open(tmp_path / "labels" / f"{stem}.png")
         img.putpalette(label_id_colours(np.arange(256, dtype=np.uint8)).ravel().tolist())
         img.save(tmp_path / "labels" / f"{stem}.png")
     ds = GTA5Dataset(tmp_path, FULL)
-    assert ds.label_encoding == "label_ids" and any("from the PNG palette" in n for n in ds.form_notes)
+    assert ds.label_form == "label_ids" and any("from the PNG palette" in n for n in ds.label_form_notes)
 
 
 def test_undetectable_labels_list_the_forms_looked_for(tmp_path):
@@ -153,7 +153,7 @@ def test_off_palette_pixels_are_ignored_and_reported_once_per_run(tmp_path):
         rgb[0, : (3 if stem == "00002" else 1)] = (1, 2, 3)
         save_png(path, rgb)
     ds = GTA5Dataset(tmp_path, FULL)
-    assert ds.label_encoding == "color"
+    assert ds.label_form == "color"
     with pytest.warns(UserWarning, match=r"00002\.png: 3 label pixels have colours outside the Cityscapes palette"):
         item = ds[1]
     assert (item["label"][0, :3] == 255).all()
@@ -173,7 +173,7 @@ def test_off_palette_pixels_are_ignored_and_reported_once_per_run(tmp_path):
 def test_label_form_override_that_does_not_fit_names_the_file(tmp_path):
     write_gta5_form(tmp_path, "gta5_trainids", count=2)
     ds = GTA5Dataset(tmp_path, FULL, label_form="color")
-    assert ds.form_notes == ["set by label_form"]
+    assert ds.label_form_notes == ["set by label_form"]
     with pytest.raises(DatasetError, match=r"labels/00001\.png: label PNG is 8-bit greyscale, expected 8-bit RGB/"
                                            r".* for the color labels of GTA5 .* \(2 of 4 files fail"):
         ds.check_files()
@@ -227,7 +227,7 @@ def test_each_form_trains_and_evaluates_through_the_clis(tmp_path, form, capsys)
     config = str(REPO / "configs/synthetic/gta5_bisenet.yaml")
     cfg = load_config(config, overrides)
     source = build_dataset(cfg.data.source, cfg, "source")
-    assert source.label_encoding == ENCODING[form]
+    assert source.label_form == ENCODING[form]
     assert train.main(["--config", config, "--work-dir", str(tmp_path / "runs"), *overrides]) == 0
     (checkpoint,) = (tmp_path / "runs").glob("*/*/last.pt")
     capsys.readouterr()

@@ -10,6 +10,7 @@ import rtda.datasets.__main__ as summary
 from rtda import datasets
 from rtda.config import AugmentConfig, ConfigError, from_dict
 from rtda.datasets import CityscapesDataset, DatasetError, GTA5Dataset, build_dataset
+from rtda.datasets.inspect import class_pixel_counts
 from rtda.datasets.labels import ID_TO_TRAIN_ID, NUM_CLASSES
 from rtda.datasets.transforms import Augment
 
@@ -241,6 +242,6 @@ def test_summary_counts_and_frequencies(gta5_tree, cityscapes_tree, tmp_path, ca
     assert road[1:] == [f"{100 * np.mean(source_ids == 0):.2f}", f"{100 * np.mean(val_ids == 0):.2f}"]
 
     ds = GTA5Dataset(gta5_root, FULL)
-    assert summary.class_pixel_counts(ds, max_images=2).sum() == 2 * HEIGHT * WIDTH
+    assert class_pixel_counts(ds, max_images=2).sum() == 2 * HEIGHT * WIDTH
     with pytest.raises(SystemExit, match="error: .*GTA5 root '.*nowhere' not found"):
         summary.main(["--config", str(config), "data.source.root=/nowhere"])

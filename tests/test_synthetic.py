@@ -167,7 +167,7 @@ def test_ensure_generated_is_safe_when_racing(tmp_path, monkeypatch):
     root = tmp_path / "synthetic"
     calls = []
     real_generate = synthetic.generate
-    monkeypatch.setattr(synthetic, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    monkeypatch.setattr(synthetic.tree, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
     start = threading.Barrier(2)
 
     def rank(_):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rtda.config import AugmentConfig, ConfigError
-from rtda.datasets.transforms import Augment, augment_sample, build_augment, resize_label
+from rtda.config import AUGMENTATIONS, AugmentConfig, ConfigError, from_dict
+from rtda.datasets.transforms import STEPS, Augment, augment_sample, build_augment, resize_label
 
 H, W = 64, 128
 
@@ -79,8 +79,8 @@ def test_probabilities_are_respected():
 def test_build_augment_and_config_errors():
     assert build_augment(AugmentConfig()) is None
     assert isinstance(build_augment(AugmentConfig(blur=0.5)), Augment)
-    with pytest.raises(ConfigError, match=r"data.augment.hflip = 1.5: expected a probability in \[0, 1\]"):
-        build_augment(AugmentConfig(hflip=1.5))
+    with pytest.raises(ConfigError, match=r"`data.augment.hflip` = 1.5 is out of range: expected a value in \[0, 1\]"):
+        from_dict({"data": {"augment": {"hflip": 1.5}}})  # probabilities are checked when a config is loaded
     with pytest.raises(ConfigError, match=r"data.augment.scale_range = \[1.5, 0.5\]: expected \[low, high\]"):
         build_augment(AugmentConfig(scale_crop=0.5, scale_range=[1.5, 0.5]))
     with pytest.raises(ConfigError, match="data.augment.jitter_strength = 0.9"):
@@ -105,3 +105,9 @@ def test_resize_label_never_invents_values():
     label[::7] = 255
     resized = resize_label(label, (H * 3 // 4, W * 5 // 4))
     assert set(resized.unique().tolist()) <= set(label.unique().tolist())
+
+
+def test_every_augmentation_has_one_step_and_one_coin():
+    """The steps table names exactly the config's augmentations; its order is the coin order of the stream."""
+    assert sorted(STEPS) == sorted(AUGMENTATIONS)
+    assert list(STEPS) == ["scale_crop", "hflip", "color_jitter", "brightness", "blur", "noise", "grayscale"]

@@ -51,21 +51,13 @@ def _items_per_s_per_worker(dataset, workers: int, batch_size: int) -> float:
     return rate / workers
 
 
-def _pyspng():
-    import pyspng
-
-    return pyspng
-
-
 def _cache_format_choice(cached, count: int) -> dict:
     """ms per item to get the resized image (and label) out of either candidate cache format, on the same items:
     the memory-mapped uint8 arrays (what datasets/cache.py writes) and pre-resized PNGs decoded with pyspng
     (PIL without it). The PNGs are decoded from memory, which favours them; the arrays still win by far."""
     from PIL import Image
 
-    from rtda.datasets.io import has_pyspng
-
-    spng = _pyspng() if has_pyspng() else None
+    from rtda.datasets.io import spng  # None without pyspng
 
     entries = [e for e in (cached._image_entry, cached._label_entry) if e is not None]
     encoded = []

@@ -4,7 +4,7 @@
     target = build_dataset(cfg.data.target, cfg, "target")   # images only (or pseudo-labels)
     val    = build_dataset(cfg.data.val, cfg, "val")         # labels; full size when eval.label_size = full
 
-    check_dataset(source)                                    # pre-flight: headers of every file, seconds
+    source.check_files()                                     # pre-flight: headers of every file, seconds
 
 `DATASETS` is a plain dict name -> builder(ds_cfg, cfg, role). The label form of each set is detected from its
 files (`data.<role>.label_form` overrides it), and a prepared cache in `data.cache` is read where it matches.
@@ -24,7 +24,7 @@ from rtda.datasets.transforms import build_augment
 
 ROLES = ("source", "target", "val")
 
-__all__ = ["DATASETS", "ROLES", "CityscapesDataset", "DatasetError", "GTA5Dataset", "build_dataset", "check_dataset"]
+__all__ = ["DATASETS", "ROLES", "CityscapesDataset", "DatasetError", "GTA5Dataset", "build_dataset"]
 
 
 def build_dataset(ds_cfg: DatasetConfig, cfg: Config, role: str):
@@ -41,13 +41,6 @@ def build_dataset(ds_cfg: DatasetConfig, cfg: Config, role: str):
         dataset = rare_class_sampling(dataset, cfg)
     return dataset
 
-
-def check_dataset(dataset) -> int:
-    """The pre-flight check for the trainer to run before the first step (`ImageLabelDataset.check_files`): every
-    file present and a complete PNG, every label of the colour type / bit depth of its detected form, label
-    sizes that fit their images. Headers only: seconds for 25,000 files. Raises one DatasetError naming the
-    first bad file and what was expected; returns the number of files checked."""
-    return dataset.check_files()
 
 
 def _cityscapes(ds_cfg: DatasetConfig, cfg: Config, role: str) -> CityscapesDataset:

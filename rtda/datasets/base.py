@@ -1,11 +1,11 @@
 """What the GTA5 and Cityscapes loaders share: a list of image (+ label) files turned into items.
 
-An item (docs/architecture.md): `image` uint8 [3, H, W] raw RGB resized to `size`, `label` int64 [H, W]
+An item (docs/architecture.md): `image` uint8 [3, H, W] raw RGB resized to `size`, `label` uint8 [H, W]
 train ids (absent without labels), `name` the file stem. The subclasses only find the files and the layout.
 
 Per item: the resized image and label come from the prepared cache (`datasets/cache.py`) when a complete one
 matches these files, size and label form, else from the files; augmentations run after either, so both give
-the same bytes. The label encoding (`datasets/forms.py`) is detected from a sample of the files unless given.
+the same bytes. The label form (`datasets/label_forms.py`) is detected from a sample of the files unless given.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from rtda.datasets.forms import COLOUR_TYPES, DESCRIPTIONS, ENCODINGS, decode_train_ids, detect_encoding
-from rtda.datasets.io import DatasetError, png_header, read_image
+from rtda.datasets.io import COLOUR_TYPE_NAMES, DatasetError, png_header, read_image
+from rtda.datasets.label_forms import DESCRIPTIONS, LABEL_FORMS, PNG_COLOUR_TYPES, decode_train_ids, detect_label_form
 from rtda.datasets.transforms import augment_sample, resize_image, resize_label
 
 MAX_ASPECT_CHANGE = 0.10  # pre-flight: a label whose aspect ratio differs more from its image's is mispaired
@@ -31,8 +31,8 @@ CHECK_THREADS = 16  # header reads are I/O: threads overlap them (network file s
 class ImageLabelDataset(Dataset):
     """Items from parallel lists of image files and label PNGs (`labels=None`: images only).
 
-    `label_encoding`: `auto` (detected from the files), `label_ids`, `train_ids` or `color` (datasets/forms.py);
-    `encoding_hint` the encoding the file names suggest, for values that fit two alike.
+    `label_form`: `auto` (detected from the files), `label_ids`, `train_ids` or `color` (datasets/label_forms.py);
+    `form_hint` the label form the file names suggest, for values that fit two alike.
     `full_labels`: keep labels at their stored size (images are still resized), for full-resolution scoring.
     `cache`: the folder of prepared caches (`data.cache`), or None to always read the files.
     """
@@ -40,7 +40,7 @@ class ImageLabelDataset(Dataset):
     dataset_name = "images"
 
     def __init__(self, images: list[Path], labels: list[Path] | None, names: list[str], size,
-                 label_encoding: str = "auto", encoding_hint: str | None = None, full_labels: bool = False,
+                 label_form: str = "auto", form_hint: str | None = None, full_labels: bool = False,
                  augment=None, seed: int = 0, cache=None, label_form_key: str = "label_form",
                  interpolation: str = "bilinear"):
         self.interpolation = interpolation  # image resize (`data.*.interpolation`); part of the cache key
@@ -55,19 +55,19 @@ class ImageLabelDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.label_form_key = label_form_key
-        self.form_notes: list[str] = []
-        self.label_encoding = None
+        self.label_form_notes: list[str] = []
+        self.label_form = None
         if labels is not None:
-            if label_encoding == "auto":
-                detection = detect_encoding(labels, what=self.describe_root(), key=label_form_key, hint=encoding_hint)
-                self.label_encoding = detection.encoding
-                self.form_notes += detection.notes
-                self.form_notes.insert(0, f"detected from {detection.sampled} of {len(labels)} label files")
-            elif label_encoding in ENCODINGS:
-                self.label_encoding = label_encoding
-                self.form_notes.append(f"set by {label_form_key}")
+            if label_form == "auto":
+                detection = detect_label_form(labels, what=self.describe_root(), key=label_form_key, hint=form_hint)
+                self.label_form = detection.label_form
+                self.label_form_notes += detection.notes
+                self.label_form_notes.insert(0, f"detected from {detection.sampled} of {len(labels)} label files")
+            elif label_form in LABEL_FORMS:
+                self.label_form = label_form
+                self.label_form_notes.append(f"set by {label_form_key}")
             else:
-                raise DatasetError(f"{label_form_key} = {label_encoding!r}: expected auto or one of {', '.join(ENCODINGS)}")
+                raise DatasetError(f"{label_form_key} = {label_form!r}: expected auto or one of {', '.join(LABEL_FORMS)}")
         # In shared memory, so DataLoader workers (persistent ones included) see set_epoch from the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         # Off-palette colour pixels and files: one row per DataLoader worker (row 0: the main process), so no two
@@ -87,7 +87,7 @@ class ImageLabelDataset(Dataset):
         """One line: the layout and label form read (subclasses name their layouts)."""
         if self.labels is None:
             return "images only"
-        return DESCRIPTIONS[self.label_encoding]
+        return DESCRIPTIONS[self.label_form]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -106,12 +106,14 @@ class ImageLabelDataset(Dataset):
         return self.labels[index]
 
     # --------------------------------------------------------------------------------------------- reading
-    def _train_ids_counted(self, index: int) -> tuple[np.ndarray, int]:
-        return decode_train_ids(self.label_path(index), self.label_encoding)
+    def decode_label(self, index: int) -> tuple[np.ndarray, int]:
+        """(uint8 train ids [H, W] at the stored size, off-palette pixels read as 255) of item `index`'s label,
+        with no off-palette report (the caller counts them)."""
+        return decode_train_ids(self.label_path(index), self.label_form)
 
     def read_train_ids(self, index: int) -> np.ndarray:
         """The label of item `index` as uint8 train ids at its stored size (no resize, no augmentation)."""
-        train_ids, off = self._train_ids_counted(index)
+        train_ids, off = self.decode_label(index)
         if off:
             self._report_off_palette(self.label_path(index), off)
         return train_ids
@@ -127,11 +129,17 @@ class ImageLabelDataset(Dataset):
         slot = 0 if worker is None else 1 + worker.id % (OFF_PALETTE_SLOTS - 1)
         self._off_palette[slot, 0] += count
         self._off_palette[slot, 1] += 1
-        if int(self._off_palette_reported) == 0:  # the first one in any process of this run (shared flag)
-            self._off_palette_reported.fill_(1)
+        if self._first_off_palette_report():
             warnings.warn(f"{path}: {count} label pixels have colours outside the Cityscapes palette; they are read "
                           "as ignore (255). Reported once per run; `python -m rtda.datasets --config FILE --check` counts "
                           "them in every file", stacklevel=3)
+
+    def _first_off_palette_report(self) -> bool:
+        """True the first time any process of this run asks (a shared flag), so off-palette pixels warn once."""
+        if int(self._off_palette_reported):
+            return False
+        self._off_palette_reported.fill_(1)
+        return True
 
     def load_uncached(self, index: int, image: bool = True, label: bool = True):
         """(image uint8 [3, H, W] at `size`, label uint8 [H, W] train ids, off-palette pixels) from the files;
@@ -139,7 +147,7 @@ class ImageLabelDataset(Dataset):
         image = resize_image(read_image(self.images[index]), self.size_hw, self.interpolation) if image else None
         want_label, label, off = label, None, 0
         if self.labels is not None and want_label:
-            train_ids, off = self._train_ids_counted(index)
+            train_ids, off = self.decode_label(index)
             label = torch.from_numpy(train_ids)
             if not self.full_labels:
                 label = resize_label(label, self.size_hw)  # also fixes labels stored at another size than the image
@@ -185,7 +193,7 @@ class ImageLabelDataset(Dataset):
 
     def cache_entries(self, cache_dir=None) -> list:
         """The cache entries this set reads: its images at `size`, and its labels (when it has cacheable ones)."""
-        from rtda.datasets.cache import image_entry, label_entry  # the cache module imports this one
+        from rtda.datasets.cache import image_entry, label_entry  # on use: only sets with a cache need it
 
         cache_dir = cache_dir if cache_dir is not None else self.cache_dir
         if cache_dir is None:
@@ -193,7 +201,7 @@ class ImageLabelDataset(Dataset):
         entries = [image_entry(cache_dir, self.images, self.size_hw, self.interpolation)]
         shape = self.label_shape()
         if shape is not None:
-            entries.append(label_entry(cache_dir, self.labels, shape, self.label_encoding, self.full_labels))
+            entries.append(label_entry(cache_dir, self.labels, shape, self.label_form, self.full_labels))
         return entries
 
     def attach_cache(self, cache_dir) -> None:
@@ -209,8 +217,7 @@ class ImageLabelDataset(Dataset):
             else:
                 self._label_entry = entry
                 pixels, files = entry.manifest.get("off_palette_pixels", 0), entry.manifest.get("off_palette_files", 0)
-                if pixels and int(self._off_palette_reported) == 0:
-                    self._off_palette_reported.fill_(1)
+                if pixels and self._first_off_palette_report():
                     warnings.warn(f"{self.describe_root()}: {pixels} label pixels in {files} files have colours outside "
                                   "the Cityscapes palette; they are read as ignore (255) (counted by `python -m rtda.datasets "
                                   "prepare`)", stacklevel=3)
@@ -235,7 +242,7 @@ class ImageLabelDataset(Dataset):
         """Fast pre-flight check before training: every file present, a complete PNG (header and end chunk),
         labels in the PNG colour type and bit depth of the set's label form, label sizes that fit their image.
 
-        Headers only (45 bytes a file, read by a thread pool): a few seconds for 25,000 files. Raises one
+        Headers only (45 bytes a file, read by a thread pool). Raises one
         DatasetError naming the first bad file and what was expected (and how many fail); returns the number of
         files checked. Values inside the files are the full scan's job: `python -m rtda.datasets --config FILE --check`.
         """
@@ -260,15 +267,15 @@ class ImageLabelDataset(Dataset):
                 problems.append(header)
             elif not header.complete:
                 problems.append(_truncated(path))
-        allowed = COLOUR_TYPES.get(self.label_encoding, ())
-        wanted = "/".join(f"8-bit {_COLOUR_NAMES[t]}" for t in allowed)
+        allowed = PNG_COLOUR_TYPES.get(self.label_form, ())
+        wanted = "/".join(f"8-bit {COLOUR_TYPE_NAMES[t]}" for t in allowed)
         for image, path, image_header, header in zip(images, labels, image_headers, label_headers):
             if isinstance(header, str):
                 problems.append(header)
             elif not header.complete:
                 problems.append(_truncated(path))
             elif header.bit_depth != 8 or header.colour_type not in allowed:
-                problems.append(f"{path}: label PNG is {header.kind}, expected {wanted} for the {self.label_encoding} "
+                problems.append(f"{path}: label PNG is {header.kind}, expected {wanted} for the {self.label_form} "
                                 f"labels of {self.describe_root()} ({self.describe_form()})")
             elif not isinstance(image_header, str):
                 label_aspect = header.width / header.height
@@ -279,8 +286,6 @@ class ImageLabelDataset(Dataset):
                                     "same aspect ratio, resized); is the label paired with the right image?")
         return problems
 
-
-_COLOUR_NAMES = {0: "greyscale", 2: "RGB", 3: "palettised", 6: "RGBA"}
 
 
 def _header_or_error(path: Path):

@@ -2,12 +2,9 @@
 
     python -m rtda.datasets prepare --config configs/gta5_bisenet.yaml [--workers N] [key=value ...]
 
-Format, chosen by measurement (docs/benchmarks.md, "Data loading"): one uint8 array per entry in a memory-mapped
-`.npy` file, items `[N, H, W, 3]` for images and `[N, H, W]` for train-id labels. Reading an item is a copy
-out of the page cache (about 1 ms for a 1280x720 image and its label) where a pre-resized PNG still costs
-14 ms to decode with pyspng, 32 ms with PIL for the original 1914x1052 frame: only the arrays clear the 5x
-target. The price is disk: 2.8 MB per 1280x720 image and 0.9 MB per label (the 2,500-frame GTA5 subset:
-9.2 GB; all 24,966 frames: 92 GB; Cityscapes train at 1024x512: 6.2 GB).
+Format (the measurements behind it: docs/benchmarks.md, "Data loading"): one uint8 array per entry in a
+memory-mapped `.npy` file, items `[N, H, W, 3]` for images and `[N, H, W]` for train-id labels. Reading an item
+is a copy out of the page cache, with no decoding; the price is disk (H * W * 3 bytes per image, H * W per label).
 
 An entry is one array: a role's images at its size, or its labels (train ids at its size, or at their stored
 size for `eval.label_size: full`). Its folder `<data.cache>/<kind>-<key>/` is named by a hash of the file
@@ -43,6 +40,7 @@ import torch
 import torchvision
 
 from rtda.datasets.io import DatasetError
+from rtda.utils.files import atomic_write
 
 FORMAT_VERSION = 1
 SAVE_EVERY_S = 2.0  # how often a running prepare makes its progress durable
@@ -186,7 +184,7 @@ class CacheEntry:
 
     def save_progress(self, data_fd: int) -> None:
         os.fsync(data_fd)  # the items first, so the progress never claims an item the disk lacks
-        _atomic_write(self.progress_path, lambda f: np.save(f, self.progress))
+        atomic_write(self.progress_path, lambda f: np.save(f, self.progress))
 
     def finish(self, data_fd: int) -> None:
         self.save_progress(data_fd)
@@ -195,17 +193,8 @@ class CacheEntry:
                     "shape": list(self.shape), "data_offset": self.data_offset, "params": self.params,
                     "first_file": str(self.files[0]), "off_palette_pixels": int(off.sum()),
                     "off_palette_files": int(np.count_nonzero(off)), "prepared": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
+        atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
         self.manifest = manifest
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _resize_params() -> dict:
@@ -218,9 +207,10 @@ def image_entry(cache_dir, images: list[Path], size_hw: tuple[int, int], interpo
                       {"resize": f"{interpolation}, antialias", **_resize_params()})
 
 
-def label_entry(cache_dir, labels: list[Path], shape_hw: tuple[int, int], encoding: str, full: bool) -> CacheEntry:
+def label_entry(cache_dir, labels: list[Path], shape_hw: tuple[int, int], label_form: str, full: bool) -> CacheEntry:
     return CacheEntry(cache_dir, "labels", labels, tuple(shape_hw),
-                      {"encoding": encoding, "resize": "none (stored size)" if full else "nearest", **_resize_params()})
+                      # the manifest key stays "encoding": prepared caches on disk must still match
+                      {"encoding": label_form, "resize": "none (stored size)" if full else "nearest", **_resize_params()})
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -272,6 +262,22 @@ def _locked(entries: list[CacheEntry]):
         yield
 
 
+def _record_results(entries: list[CacheEntry], fds: list[int], need_of: dict, results, bar) -> None:
+    """Mark each finished item done in the entries it was written to, saving the progress every SAVE_EVERY_S
+    seconds and finishing (manifest last) every entry at the end."""
+    last_save = time.monotonic()
+    for index, off in results:
+        for k in need_of[index]:
+            entries[k].mark_done(index, off if entries[k].kind == "labels" else 0)
+        bar.update()
+        if time.monotonic() - last_save > SAVE_EVERY_S:
+            for entry, fd in zip(entries, fds):
+                entry.save_progress(fd)
+            last_save = time.monotonic()
+    for entry, fd in zip(entries, fds):
+        entry.finish(fd)
+
+
 def prepare_dataset(dataset, role: str, workers: int, progress: bool = True) -> list[CacheEntry]:
     """Write whatever is missing of `dataset`'s cache entries; returns the entries (all ready on return).
 
@@ -297,7 +303,6 @@ def prepare_dataset(dataset, role: str, workers: int, progress: bool = True) -> 
         bar = tqdm(total=len(tasks), unit="item", desc=f"prepare {role}", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, smoothing=0.1)
         pool = None
-        last_save = time.monotonic()
         try:
             if workers > 1 and len(tasks) > 1:
                 pool = multiprocessing.get_context().Pool(min(workers, len(tasks)), _init_worker, (dataset, targets))
@@ -305,17 +310,7 @@ def prepare_dataset(dataset, role: str, workers: int, progress: bool = True) -> 
             else:
                 _init_worker(dataset, targets, in_process=True)
                 results = map(_work, tasks)
-            need_of = dict(tasks)
-            for index, off in results:
-                for k in need_of[index]:
-                    entries[k].mark_done(index, off if entries[k].kind == "labels" else 0)
-                bar.update()
-                if time.monotonic() - last_save > SAVE_EVERY_S:
-                    for entry, fd in zip(entries, fds):
-                        entry.save_progress(fd)
-                    last_save = time.monotonic()
-            for entry, fd in zip(entries, fds):
-                entry.finish(fd)
+            _record_results(entries, fds, dict(tasks), results, bar)
         except BaseException as exc:  # keep what was written, whatever stopped the work
             if pool is not None:
                 pool.terminate()

@@ -7,7 +7,7 @@
     root/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_color.png           colours (used only when nothing else is there)
 
 When several label files exist for every image, the official `_labelIds.png` is read (and `python -m rtda.datasets`
-says so); what the files hold is then told from their values (datasets/forms.py), the name only settles a tie.
+says so); what the files hold is then told from their values (datasets/label_forms.py), the name only settles a tie.
 
 Item names are the stems `{city}_{seq}_{frame}`: cityscapesscripts' evaluator matches a prediction file
 `{stem}*.png` (label ids, anywhere under its prediction folder) to the ground truth `label_path(i)`.
@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 
 from rtda.datasets.base import ImageLabelDataset
-from rtda.datasets.forms import SHORT
 from rtda.datasets.io import DatasetError
+from rtda.datasets.label_forms import SHORT
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"  # the official one
@@ -38,7 +38,7 @@ class CityscapesDataset(ImageLabelDataset):
 
     labels=False: images only (the unlabelled target). full_labels=True: labels at their stored size.
     pseudo_labels=DIR: train-id PNGs `DIR/{city}/{stem}.png` replace gtFine (self-training rounds).
-    label_form: `auto` (detected from the files) or an encoding of datasets/forms.py. cache: `data.cache`.
+    label_form: `auto` (detected from the files) or a label form of datasets/label_forms.py. cache: `data.cache`.
     """
 
     dataset_name = "Cityscapes"
@@ -66,14 +66,14 @@ class CityscapesDataset(ImageLabelDataset):
         images = listed[self.image_dir_name]
         names = [p.name[:-len(IMAGE_SUFFIX)] for p in images]
 
-        label_files, encoding, hint, self.label_suffix = None, label_form, None, None
+        label_files, form, hint, self.label_suffix = None, label_form, None, None
         if labels and pseudo_labels is not None:
             pseudo_dir = Path(pseudo_labels)
             if not pseudo_dir.is_dir():
                 raise DatasetError(f"pseudo-label folder '{pseudo_labels}' not found: expected "
                                    f"{pseudo_dir}/<city>/<stem>.png train-id PNGs for {found[self.image_dir_name]}")
             label_files = [pseudo_dir / p.parent.name / f"{n}.png" for p, n in zip(images, names)]
-            encoding = "train_ids"  # what `adapt.py pseudo-labels` writes
+            form = "train_ids"  # what `adapt.py pseudo-labels` writes
             _check_labels_exist(images, label_files)
         elif labels:
             self.label_suffix, suffix_notes = _choose_suffix(images, names, label_dir, label_form)
@@ -82,12 +82,12 @@ class CityscapesDataset(ImageLabelDataset):
             _check_labels_exist(images, label_files)
             hint = LABEL_SUFFIXES[self.label_suffix]
         self.pseudo_labels = pseudo_labels
-        super().__init__(images, label_files, names, size, label_encoding=encoding, encoding_hint=hint,
+        super().__init__(images, label_files, names, size, label_form=form, form_hint=hint,
                          full_labels=full_labels, augment=augment, seed=seed, cache=cache,
                          label_form_key=label_form_key, interpolation=interpolation)
         if pseudo_labels is not None and labels:
-            self.form_notes = ["pseudo-labels are train ids (what `adapt.py pseudo-labels` writes)"]
-        self.form_notes += notes
+            self.label_form_notes = ["pseudo-labels are train ids (what `adapt.py pseudo-labels` writes)"]
+        self.label_form_notes += notes
 
     def describe_root(self) -> str:
         return f"Cityscapes '{self.root}' (split '{self.split}')"
@@ -98,9 +98,9 @@ class CityscapesDataset(ImageLabelDataset):
             return f"Cityscapes {IMAGE_DIRS[self.image_dir_name]} ({folder}), images only"
         if self.pseudo_labels is not None:
             return f"Cityscapes {IMAGE_DIRS[self.image_dir_name]} ({folder}) with pseudo-labels {self.pseudo_labels} (train ids)"
-        name = NAMED_FORMS.get((self.image_dir_name, self.label_suffix, self.label_encoding),
+        name = NAMED_FORMS.get((self.image_dir_name, self.label_suffix, self.label_form),
                                f"Cityscapes {IMAGE_DIRS[self.image_dir_name]}")
-        return f"{name}: {folder} + gtFine/*{self.label_suffix} holding {SHORT[self.label_encoding]}"
+        return f"{name}: {folder} + gtFine/*{self.label_suffix} holding {SHORT[self.label_form]}"
 
 
 def _list_images(folder: Path) -> list[Path]:

@@ -3,7 +3,7 @@
     root/images/NNNNN.png     RGB frames, mostly 1914x1052
     root/labels/NNNNN.png     official: palettised PNGs whose palette indices are Cityscapes label ids;
                               the course subset and other re-saves: RGB colours of the Cityscapes palette,
-                              or train ids (datasets/forms.py tells them apart from the files)
+                              or train ids (datasets/label_forms.py tells them apart from the files)
 
 UDA work trains on all 24,966 frames (or the names in `list_file`). A few label maps differ in size from
 their image by some pixels; they are resized (nearest) like every label, and counted in one warning.
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from rtda.datasets.base import ImageLabelDataset
-from rtda.datasets.io import DatasetError, png_size
+from rtda.datasets.io import DatasetError, png_header
 
 _warned_roots: set[str] = set()  # one size-mismatch warning per root and process
 
@@ -30,7 +30,7 @@ FORMS = {
 class GTA5Dataset(ImageLabelDataset):
     """GTA5 frames resized (bilinear, antialiased) and labels (nearest) to `size` = [w, h] (protocol 1280x720).
 
-    `label_form`: `auto` (detected from the label files) or an encoding of datasets/forms.py; `cache`: the
+    `label_form`: `auto` (detected from the label files) or a label form of datasets/label_forms.py; `cache`: the
     folder of prepared caches (`data.cache`), None to read the PNGs always."""
 
     dataset_name = "GTA5"
@@ -57,14 +57,14 @@ class GTA5Dataset(ImageLabelDataset):
                                    f"{label_dir / missing[0]} ({len(missing)} of {len(names)} images lack labels)")
             label_files = [label_dir / name for name in names]
             self.mismatched = [name for name, image, label in zip(names, images, label_files)
-                               if png_size(image) != png_size(label)]  # headers only: ~20 us a pair
+                               if png_header(image).size != png_header(label).size]  # headers only
             if self.mismatched and str(self.root) not in _warned_roots:
                 _warned_roots.add(str(self.root))
                 shown = ", ".join(self.mismatched[:5]) + (", ..." if len(self.mismatched) > 5 else "")
                 warnings.warn(f"GTA5 '{root}': {len(self.mismatched)} of {len(names)} label maps differ in size "
                               f"from their image ({shown}); resizing those labels with nearest", stacklevel=2)
         stems = [Path(name).stem for name in names]
-        super().__init__(images, label_files, stems, size, label_encoding=label_form, augment=augment, seed=seed,
+        super().__init__(images, label_files, stems, size, label_form=label_form, augment=augment, seed=seed,
                          cache=cache, label_form_key=label_form_key, interpolation=interpolation)
 
     def describe_root(self) -> str:
@@ -73,7 +73,7 @@ class GTA5Dataset(ImageLabelDataset):
     def describe_form(self) -> str:
         if self.labels is None:
             return "GTA5 layout (images/NNNNN.png), images only"
-        return FORMS[self.label_encoding]
+        return FORMS[self.label_form]
 
 
 def _read_list(list_file, image_dir: Path) -> list[str]:

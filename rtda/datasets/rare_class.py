@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,7 @@ from rtda.config import Config, ConfigError
 from rtda.datasets.io import DatasetError
 from rtda.datasets.labels import NUM_CLASSES
 from rtda.datasets.transforms import augment_sample
+from rtda.utils.files import atomic_write
 
 STATS_AREA = 1914 * 1052  # a GTA5 frame: where DAFormer counts `min_pixels`
 SAMPLE_AREA = 1280 * 720  # GTA5 resized for training: where DAFormer counts the crop threshold
@@ -74,7 +73,7 @@ class _LabelCounts(Dataset):
 
 
 def _cache_key(dataset) -> str:
-    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{dataset.label_encoding}\n".encode())
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{dataset.label_form}\n".encode())
     for path in dataset.labels:
         path = Path(path).resolve()
         st = path.stat()
@@ -107,10 +106,9 @@ def class_statistics(dataset, cache_dir: str | Path | None, workers: int = 0) ->
                   "of the label files, for rare class sampling (datasets/rare_class.py)",
                   "names": list(dataset.names), "images": rows}
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{path.name}.", delete=False) as tmp:
-                json.dump(record, tmp, separators=(",", ":"))
-            os.replace(tmp.name, path)  # atomic: concurrent processes write the same content
+            # concurrent processes (torchrun ranks) write the same content: none removes another's temporary file
+            atomic_write(path, lambda handle: json.dump(record, handle, separators=(",", ":")), mode="w",
+                         remove_stale=False)
         except OSError as exc:
             raise ConfigError(f"data.rcs.cache_dir = {cache_dir!r}: cannot write the class statistics to {folder} "
                               f"({exc.strerror or exc}); expected a writable folder") from None

@@ -59,65 +59,93 @@ def augment_sample(augment, image: torch.Tensor, label: torch.Tensor | None, see
 
 
 class Augment:
-    """The switchable training augmentations, applied geometric first, then photometric."""
+    """The switchable training augmentations of `AugmentConfig`, applied in the order of `STEPS`."""
 
     def __init__(self, cfg: AugmentConfig):
         _check(cfg)
         self.cfg = cfg
         s = cfg.jitter_strength
-        self._jitter = v2.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s)
+        self.jitter = v2.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None):
-        cfg = self.cfg
         # One coin per augmentation, always drawn, so each decision uses a fixed slot of the stream.
-        coin = torch.rand(7).tolist()
-        if coin[0] < cfg.scale_crop:
-            image, label = self._scale_crop(image, label)
-        if coin[1] < cfg.hflip:
-            image = image.flip(-1)
-            label = None if label is None else label.flip(-1)
-        if coin[2] < cfg.color_jitter:
-            image = self._jitter(image)
-        if coin[3] < cfg.brightness:
-            image = TF.adjust_brightness(image, _uniform(cfg.brightness_range))
-        if coin[4] < cfg.blur:
-            sigma = _uniform(cfg.blur_sigma)
-            kernel = 2 * math.ceil(3 * sigma) + 1  # +-3 sigma holds 99.7% of the weight
-            image = TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
-        if coin[5] < cfg.noise:
-            noisy = image.float() + cfg.noise_std * torch.randn(image.shape)
-            image = noisy.round_().clamp_(0, 255).to(torch.uint8)
-        if coin[6] < cfg.grayscale:
-            image = TF.rgb_to_grayscale(image, num_output_channels=3)
+        coins = torch.rand(len(STEPS)).tolist()
+        for (name, step), coin in zip(STEPS.items(), coins):
+            if coin < getattr(self.cfg, name):
+                image, label = step(self, image, label)
         return image, label
 
-    def _scale_crop(self, image, label):
-        """Rescale by s ~ U(scale_range), then crop back to the input size (padding image 0, label 255)."""
-        height, width = image.shape[-2:]
-        scale = _uniform(self.cfg.scale_range)
-        scaled = (max(1, round(height * scale)), max(1, round(width * scale)))
-        image = resize_image(image, scaled)
-        label = None if label is None else resize_label(label, scaled)
-        pad_h, pad_w = max(height - scaled[0], 0), max(width - scaled[1], 0)
-        if pad_h or pad_w:  # bottom/right padding, as mmseg does
-            image = TF.pad(image, [0, 0, pad_w, pad_h], fill=0)
-            label = None if label is None else TF.pad(label[None], [0, 0, pad_w, pad_h], fill=IGNORE_INDEX)[0]
-        top = int(torch.randint(image.shape[-2] - height + 1, ()))
-        left = int(torch.randint(image.shape[-1] - width + 1, ()))
-        image = image[:, top:top + height, left:left + width]
-        label = None if label is None else label[top:top + height, left:left + width]
-        return image, label
+
+# ------------------------------------------------------------------------------------------------ steps
+# Each step: (augment, image uint8 [3, H, W], label uint8 [H, W] or None) -> (image, label).
+def _scale_crop(augment: Augment, image, label):
+    """Rescale by s ~ U(scale_range), then crop back to the input size (padding image 0, label 255)."""
+    height, width = image.shape[-2:]
+    scale = _uniform(augment.cfg.scale_range)
+    scaled = (max(1, round(height * scale)), max(1, round(width * scale)))
+    image = resize_image(image, scaled)
+    label = None if label is None else resize_label(label, scaled)
+    pad_h, pad_w = max(height - scaled[0], 0), max(width - scaled[1], 0)
+    if pad_h or pad_w:  # bottom/right padding, as mmseg does
+        image = TF.pad(image, [0, 0, pad_w, pad_h], fill=0)
+        label = None if label is None else TF.pad(label[None], [0, 0, pad_w, pad_h], fill=IGNORE_INDEX)[0]
+    top = int(torch.randint(image.shape[-2] - height + 1, ()))
+    left = int(torch.randint(image.shape[-1] - width + 1, ()))
+    image = image[:, top:top + height, left:left + width]
+    label = None if label is None else label[top:top + height, left:left + width]
+    return image, label
+
+
+def _hflip(augment: Augment, image, label):
+    return image.flip(-1), None if label is None else label.flip(-1)
+
+
+def _color_jitter(augment: Augment, image, label):
+    return augment.jitter(image), label
+
+
+def _brightness(augment: Augment, image, label):
+    return TF.adjust_brightness(image, _uniform(augment.cfg.brightness_range)), label
+
+
+def _blur(augment: Augment, image, label):
+    sigma = _uniform(augment.cfg.blur_sigma)
+    kernel = 2 * math.ceil(3 * sigma) + 1  # +-3 sigma holds 99.7% of the weight
+    return TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma]), label
+
+
+def _noise(augment: Augment, image, label):
+    noisy = image.float() + augment.cfg.noise_std * torch.randn(image.shape)
+    return noisy.round_().clamp_(0, 255).to(torch.uint8), label
+
+
+def _grayscale(augment: Augment, image, label):
+    return TF.rgb_to_grayscale(image, num_output_channels=3), label
+
+
+# Augmentation name (an `AugmentConfig` probability) -> its step. The key order is the order the steps run and
+# the slot of each one's coin in the per-sample stream: it is part of every augmented stream, so new
+# augmentations go at the end. Geometric steps come first, then photometric.
+STEPS = {
+    "scale_crop": _scale_crop,
+    "hflip": _hflip,
+    "color_jitter": _color_jitter,
+    "brightness": _brightness,
+    "blur": _blur,
+    "noise": _noise,
+    "grayscale": _grayscale,
+}
+if sorted(STEPS) != sorted(AUGMENTATIONS):
+    raise AssertionError(f"transforms.STEPS {sorted(STEPS)} must name exactly config.AUGMENTATIONS "
+                         f"{sorted(AUGMENTATIONS)}")
 
 
 def build_augment(cfg: AugmentConfig) -> Augment | None:
     """The augmentation callable of `data.augment`, or None when every probability is 0."""
     _check(cfg)
-    if not any(getattr(cfg, name) > 0 for name in _PROBABILITIES):
+    if not any(getattr(cfg, name) > 0 for name in STEPS):
         return None
     return Augment(cfg)
-
-
-_PROBABILITIES = AUGMENTATIONS
 
 
 def _uniform(bounds) -> float:
@@ -126,10 +154,7 @@ def _uniform(bounds) -> float:
 
 
 def _check(cfg: AugmentConfig) -> None:
-    for name in _PROBABILITIES:
-        value = getattr(cfg, name)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"data.augment.{name} = {value}: expected a probability in [0, 1]")
+    """The settings the config loader's ranges do not cover (the probabilities are checked at load)."""
     for name, low_limit in (("scale_range", 0.0), ("blur_sigma", 0.0), ("brightness_range", 0.0)):
         value = getattr(cfg, name)
         if len(value) != 2 or not low_limit < value[0] <= value[1]:

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rtda.adapt import STRATEGIES, Strategy, build_strategy
 from rtda.config import Config, ConfigError
-from rtda.datasets import build_dataset, check_dataset
+from rtda.datasets import build_dataset
 from rtda.datasets.loaders import endless_batches, steps_per_epoch
 from rtda.engine.context import StepContext
 from rtda.models import build_model
@@ -58,7 +58,7 @@ def build_data(cfg: Config, dist: Distributed) -> Data:
         steps_per_epoch(len(target_set), per_rank_batch, dist.world_size, "target")
     for dataset in (source_set, target_set, val_set):  # every file present, every header as expected: seconds
         if dataset is not None:
-            check_dataset(dataset)
+            dataset.check_files()
     max_iters = t.iters if t.iters is not None else t.epochs * epoch_steps
     return Data(source_set, val_set, target_set, per_rank_batch, max_iters)
 

@@ -8,7 +8,6 @@ bincount per batch, summed across processes) and is read once. A checkpoint endi
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,8 +169,7 @@ def load_model(cfg: Config, path: str | Path, device: torch.device) -> tuple[nn.
 
     Weights of another model or an ONNX file with another number of classes: one `ConfigError` line.
     """
-    from rtda.models import build_model
-    from rtda.models.deploy import load_trained_weights
+    from rtda.models import build_untrained, load_trained_weights
 
     if is_onnx_file(path):
         model = OnnxModel(path, device)
@@ -180,7 +178,7 @@ def load_model(cfg: Config, path: str | Path, device: torch.device) -> tuple[nn.
                               f"({model.metadata.get('model', 'unknown model')}), the config's model.num_classes "
                               f"is {cfg.model.num_classes}; pass the config it was exported from")
         return model, {"iteration": _int_or_none(model.metadata.get("iteration"))}
-    model = build_model(dataclasses.replace(cfg.model, pretrained="none"))  # the checkpoint has every weight
+    model = build_untrained(cfg.model)  # the checkpoint has every weight
     checkpoint = load_trained_weights(model, path, cfg.model)
     return model.to(device).eval(), checkpoint
 

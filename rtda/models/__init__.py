@@ -5,25 +5,29 @@
     out = model(images)                   # raw 0-255 RGB; train: SegOutput(logits, aux), eval: full-size logits
     groups = model.param_groups()         # {"backbone": [...], "head": [...]}
     fast = deploy(model)                  # eval-only inference copy
+    model = build_untrained(cfg.model)    # no backbone weights loaded: a checkpoint follows (models/checkpoints.py)
 
 The contract is docs/architecture.md's "Models" section.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from rtda.config import ConfigError, ModelConfig, from_dict
 from rtda.models.base import SegmentationModel, SegOutput
 from rtda.models.bisenet import BiSeNet
+from rtda.models.checkpoints import backbone_name, describe, load_trained_weights
 from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.deploy import deploy
 from rtda.models.resnet import load_backbone_weights
 
-__all__ = ["MODELS", "SegOutput", "SegmentationModel", "build_model", "deploy"]
+__all__ = ["MODELS", "SegOutput", "SegmentationModel", "backbone_name", "build_model", "build_untrained", "deploy",
+           "describe", "load_trained_weights"]
 
 
 def build_deeplabv2(cfg: ModelConfig) -> DeepLabV2:
-    # DeepLabV2 is defined on ResNet-101; `backbone` chooses BiSeNet's context path only.
+    # DeepLabV2 is defined on ResNet-101 (checkpoints.backbone_name); `backbone` chooses BiSeNet's context path only.
     return DeepLabV2(cfg.num_classes, cfg.aspp_dilations, cfg.aux_head,
                      freeze_bn=True if cfg.freeze_bn is None else cfg.freeze_bn,
                      resnet_variant=cfg.resnet_variant, input_norm=cfg.input_norm)
@@ -52,7 +56,12 @@ def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
         raise ConfigError("model.pretrained = imagenet loads torchvision weights, which need "
                          "model.resnet_variant: v1.5 and model.input_norm: imagenet")
     model = MODELS[cfg.name](cfg)
-    backbone_name = "resnet101" if cfg.name == "deeplabv2" else cfg.backbone
     caffe_setup = cfg.resnet_variant == "v1" and cfg.input_norm == "caffe"
-    load_backbone_weights(model.backbone, cfg.pretrained, backbone_name, caffe_setup)
+    load_backbone_weights(model.backbone, cfg.pretrained, backbone_name(cfg), caffe_setup)
     return model
+
+
+def build_untrained(cfg: ModelConfig) -> SegmentationModel:
+    """`cfg`'s model with no pretrained backbone loaded (`model.pretrained` = none), for a checkpoint to fill:
+    the checkpoint has every weight, so nothing is downloaded or read twice."""
+    return build_model(dataclasses.replace(cfg, pretrained="none"))

@@ -3,7 +3,6 @@
     fast = deploy(model)          # a copy; `model` is untouched
     logits = fast(images)         # = model.eval()(images) within 1e-4, in inference mode
     graph = fast.graph()          # the same computation without the inference-mode switch (export, compile)
-    load_trained_weights(model, "runs/.../best.pt")   # a mismatch says what the checkpoint holds
 
 Folding a BN layer into the conv before it removes one full read and write of every feature map, and
 channels_last lets the oneDNN (CPU) and cuDNN convolutions skip their layout conversions.
@@ -11,15 +10,12 @@ channels_last lets the oneDNN (CPU) and cuDNN convolutions skip their layout con
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from rtda.config import ConfigError
 from rtda.models.base import SegmentationModel, upsample
-from rtda.utils.files import load_checkpoint, model_state_from_checkpoint
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -92,63 +88,3 @@ def fold_batchnorm(module: nn.Module) -> None:
         if isinstance(conv, nn.Conv2d) and isinstance(bn, _BN):
             setattr(module, f"conv{k}", fuse_conv_bn_eval(conv, bn))
             setattr(module, f"bn{k}", nn.Identity())
-
-
-# ------------------------------------------------------------------------------------ trained weights
-def describe_state(state: dict) -> str:
-    """What a model state dict holds, from its key names and shapes: 'bisenet/resnet18 with 19 classes'."""
-    def shape(key):
-        value = state.get(key)
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-    if any(k.startswith("spatial_path.") for k in state):
-        backbone = "resnet101" if "backbone.layer4.0.conv3.weight" in state else "resnet18"
-        classes = (shape("classifier.weight") or ("?",))[0]
-        return f"bisenet/{backbone} with {classes} classes"
-    if "classifier.branches.0.weight" in state:
-        classes = shape("classifier.branches.0.weight")[0]
-        rates = sum(1 for k in state if k.startswith("classifier.branches.") and k.endswith(".weight"))
-        aux = ", aux head" if any(k.startswith("aux_heads.") for k in state) else ""
-        return f"deeplabv2/resnet101 with {classes} classes ({rates} ASPP rates{aux})"
-    return f"an unknown model ({len(state)} tensors, e.g. {next(iter(state), 'none')!r})"
-
-
-def load_trained_weights(model: SegmentationModel, path: str | Path, model_cfg=None) -> dict:
-    """Load a trainer checkpoint (best.pt, last.pt, a snapshot) or a plain state dict into `model`, in place.
-
-    Returns the checkpoint dict. Weights that do not fit raise one `ConfigError` line naming the file, the
-    model the config builds and the model the checkpoint holds (and the config it was saved by, if recorded).
-    """
-    checkpoint = load_checkpoint(path)
-    state = model_state_from_checkpoint(checkpoint)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{path}: not a model checkpoint (expected a state dict or a dict with `model`)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        if model_cfg is not None:
-            backbone = model_cfg.backbone if model_cfg.name == "bisenet" else "resnet101"
-            wanted = f"{model_cfg.name}/{backbone} with {model_cfg.num_classes} classes"
-        else:
-            wanted = describe_state(model.state_dict())
-        saved_by = checkpoint.get("config_name") if isinstance(checkpoint.get("config_name"), str) else None
-        raise ConfigError(f"{path}: the checkpoint holds {describe_state(state)}"
-                          f"{f' (saved by config {saved_by!r})' if saved_by else ''}, but the config builds "
-                          f"{wanted} ({_state_difference(model.state_dict(), state)}); "
-                          "pass the config the checkpoint was trained with") from None
-    return checkpoint
-
-
-def _state_difference(expected: dict, got: dict) -> str:
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    shapes = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys, e.g. {missing[0]!r}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]!r}")
-    if shapes:
-        k = shapes[0]
-        parts.append(f"{len(shapes)} shape mismatches, e.g. {k!r} {list(got[k].shape)} vs {list(expected[k].shape)}")
-    return "; ".join(parts) or "the state dict does not load"

@@ -13,7 +13,7 @@ TensorRT plan for it; `--dynamic` leaves batch, height and width free. The weigh
 side `.onnx.data` file); model, classes and input convention are in its metadata.
 
 Exporter: `auto` uses torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`): it needs no
-`onnxscript`, behaves the same on torch 2.4 to 2.14 and exports these models in about 2 s; `dynamo` is the
+`onnxscript` and behaves the same on torch 2.4 to 2.14; `dynamo` is the
 torch.export-based exporter (torch >= 2.6, needs `onnxscript`), which `auto` falls back to when the
 TorchScript exporter is missing or fails. Both give the same ONNX Runtime speed on BiSeNet-R18
 (docs/benchmarks.md). After writing, the file is run in ONNX Runtime on a random image and compared with the
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import inspect
 import io
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from rtda.config import ConfigError, load_config
-from rtda.utils.files import CheckpointError
+from rtda.utils.files import CheckpointError, atomic_write
 
 DEFAULT_OPSET = 17  # the TorchScript exporter's; ONNX Runtime >= 1.14 and TensorRT >= 8.6 run it
 EXPORTERS = ("auto", "torchscript", "dynamo")
@@ -98,9 +97,9 @@ def export_onnx(deployed: nn.Module, path: str | Path, size: tuple[int, int], dy
             onnx.checker.check_model(model)
         except Exception as exc:  # onnx raises its own ValidationError
             raise ExportError(f"{path}: the exported graph is not valid ONNX ({_first_line(exc)})") from None
-        final = Path(tmp) / "final.onnx"
-        onnx.save_model(model, str(final), save_as_external_data=False)
-        os.replace(final, path)
+        serialized = io.BytesIO()  # onnx reads a file handle's name as a path: hand it one without
+        onnx.save_model(model, serialized, save_as_external_data=False)
+        atomic_write(path, lambda handle: handle.write(serialized.getvalue()))
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     dims = model.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
@@ -285,8 +284,7 @@ def main(argv=None) -> int:
 
 
 def _export_cli(args) -> int:
-    from rtda.models import build_model, deploy
-    from rtda.models.deploy import load_trained_weights
+    from rtda.models import backbone_name, build_untrained, deploy, load_trained_weights
 
     cfg = load_config(args.config, args.overrides)
     width, height = cfg.data.val.size
@@ -294,11 +292,10 @@ def _export_cli(args) -> int:
     if args.opset is not None and args.opset < 7:
         raise ExportError(f"--opset {args.opset}: expected an ONNX opset >= 7 (e.g. {DEFAULT_OPSET})")
     require("onnxruntime", "the parity check of the export")
-    model = build_model(dataclasses.replace(cfg.model, pretrained="none"))  # the checkpoint has every weight
+    model = build_untrained(cfg.model)  # the checkpoint has every weight
     checkpoint = load_trained_weights(model, args.checkpoint, cfg.model)
     model.eval()
-    backbone = cfg.model.backbone if cfg.model.name == "bisenet" else "resnet101"
-    metadata = {"model": f"{cfg.model.name}/{backbone}", "num_classes": cfg.model.num_classes,
+    metadata = {"model": f"{cfg.model.name}/{backbone_name(cfg.model)}", "num_classes": cfg.model.num_classes,
                 "labels": "Cityscapes train ids 0-18" if cfg.model.num_classes == 19 else "train ids",
                 "config_name": checkpoint.get("config_name") or cfg.name,
                 "iteration": checkpoint.get("iteration", ""), "checkpoint": Path(args.checkpoint).name,

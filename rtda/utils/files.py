@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes that never leave a half-written file, reads with one-line errors."""
+"""Files: one atomic write for every writer (`atomic_write`), checkpoints built on it, reads with one-line errors."""
 from __future__ import annotations
 
 import contextlib
@@ -10,31 +10,30 @@ from pathlib import Path
 import torch
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` atomically: a temporary file in the same folder, fsync, then rename over `path`.
+def atomic_write(path: str | Path, write, mode: str = "wb", remove_stale: bool = True) -> None:
+    """Replace `path` with what `write(handle)` writes, all at once or not at all.
 
-    A crash or a full disk at any point leaves the previous file at `path` untouched.
+    `write` fills a temporary file in the same folder (opened with `mode`), which is flushed, fsynced and renamed
+    over `path`; the folder is created if missing. Any failure (an exception from `write`, a full disk, a crash)
+    leaves the previous file at `path` untouched and no temporary file behind. `remove_stale`: first delete the
+    temporaries a killed writer of `path` left; pass False where several processes may write `path` at once.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed mid-write
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    if remove_stale:
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException as exc:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        if isinstance(exc, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as a RuntimeError
-            free = shutil.disk_usage(path.parent).free
-            kept = f"the previous {path.name} is untouched" if path.exists() else "no earlier one was written"
-            raise CheckpointError(f"{path}: could not write the checkpoint ({exc}); {free / 2**20:.0f} MiB free in "
-                                  f"{path.parent}; {kept}") from exc
         raise
     with contextlib.suppress(OSError):  # persist the rename itself (not possible on every file system)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -42,6 +41,21 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write `state` with `atomic_write`: a crash or a full disk at any point leaves the previous file at `path`
+    untouched. A failed write raises CheckpointError naming the free space and whether an earlier file is kept.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(path, lambda handle: torch.save(state, handle))
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
+        free = shutil.disk_usage(path.parent).free
+        kept = f"the previous {path.name} is untouched" if path.exists() else "no earlier one was written"
+        raise CheckpointError(f"{path}: could not write the checkpoint ({exc}); {free / 2**20:.0f} MiB free in "
+                              f"{path.parent}; {kept}") from exc
 
 
 def output_folder_problem(folder: Path) -> str | None:
