@@ -18,7 +18,7 @@ test: $(STAMP)
 
 # The synthetic demo: generate the two domains (first use), train BiSeNet-R18 source-only and the oracle
 # (the same network trained on the labelled target) side by side, one torch thread each (on 2 cores that is
-# faster than one after the other with two threads each, docs/results_synthetic.md), then score both on the
+# faster than one after the other with two threads each, docs/results/log.md), then score both on the
 # target's val split and print the time since `make` started (the install included when it ran).
 # 300 of the benchmark's 500 steps, so that a fresh clone (install included) stays within 10 minutes on the slower
 # 2-core machines; `make demo DEMO_ITERS=500` trains exactly the benchmark's source-only and oracle rows.
@@ -41,7 +41,7 @@ demo: $(STAMP)
 
 # Every adaptation method against source-only and the oracle on the synthetic domains, three seeds (resumable:
 # finished runs are reused, an interrupted one carries on from its last.pt), at the configs' 128x64 and 500
-# steps; the table lands in runs/benchmark_adaptation/table.md (docs/results_synthetic.md quotes it). Every row
+# steps; the table lands in runs/benchmark_adaptation/table.md (docs/results/synthetic.md quotes it). Every row
 # starts from one backbone pretrained on randomised scenes (BENCH_PRETRAINED: made once by
 # `benchmark.py pretrain-synthetic`), what ImageNet weights are to the protocol's rows; delete the file to
 # pretrain it again. BENCH_JOBS trainings side by side, the cores shared out between them.

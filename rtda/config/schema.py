@@ -167,7 +167,7 @@ class AdaptConfig:
     entropy_eps: float = 1e-8
     entropy_start: int = 0  # iteration from which the entropy term is on
     pseudo_weight: float = 1.0  # self-supervised round: weight of the CE on data.target.pseudo_labels
-    # -- the pseudo-label tool (`adapt.py pseudo-labels`), which writes FDA's self-supervised labels
+    # -- the pseudo-label tool (`python -m rtda.adapt.pseudo_labels`), which writes FDA's self-supervised labels
     pseudo_percentile: float = 0.66  # per-class confidence percentile kept
     pseudo_cap: float = 0.9  # ... and the cap on that per-class threshold
     # -- fda and dacs (and mic): the [width, height] random crop the recipe's loader takes: FDA crops the source

@@ -3,7 +3,7 @@
 What ImageNet weights are to real UDA, for the synthetic table (`make benchmark-synthetic` makes it once). The
 task: on `randomised` scenes (never the benchmark's source or target images), per cell of the backbone's last
 feature map, which classes cover >= PRETRAIN_MIN_SHARE of it: a multi-label classifier on a 1x1 conv, no
-segmentation head. Only the backbone is kept; docs/results_synthetic.md records why.
+segmentation head. Only the backbone is kept; docs/results/log.md records why.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from rtda.experiments.common import SYNTHETIC, ExperimentError, file_sha256
 from rtda.models.base import InputNorm
 from rtda.models.resnet import RESNETS, build_resnet, resnet_features
 from rtda.utils.env import environment
+from rtda.utils.files import atomic_write_text
 
 PRETRAIN_DEFAULTS = {"steps": 2400, "images": 8000, "batch": 32, "lr": 2e-3, "weight_decay": 1e-2, "seed": 0}
 PRETRAIN_MIN_SHARE = 0.02  # a class is present in a cell when it covers this share of the cell's pixels
@@ -81,7 +82,7 @@ def save_backbone(net: nn.Module, out: Path, recipe: dict) -> None:
     partial = out.with_name(out.name + ".partial")
     torch.save(net.state_dict(), partial)
     recipe["sha256"] = file_sha256(partial)  # so that a file pretrained again can be checked against a table's
-    Path(str(out) + ".json").write_text(json.dumps(recipe, indent=2) + "\n")
+    atomic_write_text(Path(str(out) + ".json"), json.dumps(recipe, indent=2) + "\n")
     partial.replace(out)
 
 

@@ -82,7 +82,7 @@ def version_name(found: int | None) -> str:
 def _differences(found: dict, wanted: dict) -> str:
     if found.get("generator") != wanted.get("generator"):  # the drawing changed: nothing else is comparable
         return (f"generator version {version_name(found.get('generator'))} on disk, "
-                f"{wanted.get('generator')} in this code, docs/results_synthetic.md")
+                f"{wanted.get('generator')} in this code, docs/results/log.md")
     return ", ".join(f"{k}: {found.get(k)!r} on disk, {wanted.get(k)!r} asked for"
                      for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k))
 
