@@ -18,6 +18,8 @@ import re
 import time
 from pathlib import Path
 
+from rtda.utils.files import atomic_write_text
+
 LAST = "last.pt"
 BEST = "best.pt"
 METRICS = "metrics.json"
@@ -91,7 +93,7 @@ def interrupted_run(work_dir: Path, name: str, seed: int) -> Path | None:
 
 def write_metrics(run_dir: Path, summary: dict) -> None:
     """Write `run_dir/metrics.json` (schema in docs/architecture.md); its presence marks the run finished."""
-    (run_dir / METRICS).write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / METRICS, json.dumps(summary, indent=2))
 
 
 def read_metrics(run_dir: Path) -> dict:

@@ -27,6 +27,7 @@ from rtda.bench.train_cost import benchmark_train_step
 from rtda.config import Config, load_config
 from rtda.datasets.fake_layout import write_layout_tree
 from rtda.utils.env import environment
+from rtda.utils.files import atomic_write_text
 
 GPU_CHECK_BUDGET_S = 200.0  # no config starts after this many seconds, so that the check ends within 5 minutes
 GPU_CHECK_DDP_TIMEOUT_S = 100.0  # the torchrun run normally takes well under a minute
@@ -259,9 +260,7 @@ def _write_json(path: Path | None, result: dict) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)  # a reader (or a killed check) sees the last complete version
+    atomic_write_text(path, json.dumps(result, indent=1))  # a reader (or a killed check) sees a complete version
 
 
 def _preflight(device: torch.device, tiny: bool) -> None:

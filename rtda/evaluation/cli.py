@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from rtda.evaluation.snapshots import run_checkpoints, score_run, snapshot_table
 from rtda.evaluation.visual import PREDICTION_FORMATS, prediction_image
 from rtda.models.export import ExportError
 from rtda.utils.distributed import close_distributed, init_distributed
-from rtda.utils.files import CheckpointError, output_folder_problem
+from rtda.utils.files import CheckpointError, atomic_write_text, output_folder_problem
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 
@@ -170,7 +169,7 @@ def _write_scores(out: Path, cfg: Config, header: str, table: str, columns: dict
                   inference: Inference) -> None:
     """iou_table.txt, metrics.json and one row-normalised confusion-matrix PNG per column, in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "iou_table.txt").write_text(header + "\n" + table + "\n")
+    atomic_write_text(out / "iou_table.txt", header + "\n" + table + "\n")
     plots = {}
     for name, confusion in confusions.items():
         file = "confusion.png" if len(confusions) == 1 else f"confusion_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png"
@@ -178,7 +177,7 @@ def _write_scores(out: Path, cfg: Config, header: str, table: str, columns: dict
         save_confusion_plot(confusion, out / file, title=f"{name} on {cfg.name} val: mIoU "
                             f"{'-' if miou is None else f'{miou:.2f}'} (rows normalised, %)")
         plots[name] = file
-    (out / "metrics.json").write_text(json.dumps(
+    atomic_write_text(out / "metrics.json", json.dumps(
         {"config_name": cfg.name, "label_size": cfg.eval.label_size, "inference": inference.describe(),
          "classes": list(CLASS_NAMES), "columns": columns, "confusion_plots": plots,
          "confusion": {name: c.cpu().tolist() for name, c in confusions.items()}}, indent=1))
@@ -197,9 +196,7 @@ def _main_run_dir(args, cfg: Config, loader, dist, inference: Inference, header:
         target = run_dir / "snapshot_miou.json"
         payload = {"config_name": cfg.name, "label_size": cfg.eval.label_size, "inference": inference.describe(),
                    "classes": list(CLASS_NAMES), **result}
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, target)
+        atomic_write_text(target, json.dumps(payload, indent=1))
         best = result["best"]
         if best is not None:
             print(f"best: iteration {best['iteration']} ({best['checkpoint']}), mIoU {best['mIoU']:.2f}; "

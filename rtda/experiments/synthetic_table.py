@@ -16,6 +16,7 @@ from pathlib import Path
 from rtda.config import NOT_RESULT_KEYS, load_config
 from rtda.experiments.common import REPO_ROOT, SYNTHETIC, ExperimentError, file_sha256
 from rtda.runs import METRICS, interrupted_run, read_metrics, write_metrics
+from rtda.utils.files import atomic_write_text
 
 # Runs of one seed in the order they train: the two references, one of each method, then the variants.
 # (FDA beta 0.09 is the one that fits 128x64: a band of floor(64 * 0.09) = 5 pixels; 0.01 swaps nothing there.)
@@ -95,7 +96,7 @@ def check_work_dir(work_dir: Path, overrides: list[str]) -> None:
         recorded, found = {}, None  # runs from before the version was recorded
     else:
         work_dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"generator": GENERATOR_VERSION, "overrides": wanted}) + "\n")
+        atomic_write_text(stamp, json.dumps({"generator": GENERATOR_VERSION, "overrides": wanted}) + "\n")
         return
     if found != GENERATOR_VERSION:
         raise ExperimentError(f"--work-dir {work_dir}: its runs trained on synthetic domains of generator version "
@@ -113,7 +114,7 @@ def train_runs(runs: list[tuple[str, int, list[str]]], overrides: list[str], wor
                threads: int | None, after_each) -> list[str]:
     """Train each (synthetic config name, seed, extra overrides) as its own `train.py` process, `jobs` at a
     time, each with `threads` torch threads (default: the cores shared out; on 2 cores two one-thread runs side
-    by side beat one two-thread run after the other, docs/results_synthetic.md), logging to
+    by side beat one two-thread run after the other, docs/results/log.md), logging to
     work_dir/logs/NAME_seedN.log. Calls `after_each()` when a run ends; returns one line per failed run."""
     import subprocess
 
@@ -185,5 +186,5 @@ def write_table(work_dir: Path, results: dict) -> None:
         lines.append(f"| {row} | {len(vals)} | {mean:.1f}{std} | {gain} | {share} | "
                      f"{', '.join(f'{v:.1f}' for v in vals)} | {f'{wall:.0f}' if wall else ''} |")
     text = "\n".join(lines) + "\n"
-    (work_dir / "table.md").write_text(text)
+    atomic_write_text(work_dir / "table.md", text)
 

@@ -43,6 +43,11 @@ def atomic_write(path: str | Path, write, mode: str = "wb", remove_stale: bool =
             os.close(dir_fd)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write` of a text file (UTF-8): readers see the old file or the whole new one, never a part."""
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write `state` with `atomic_write`: a crash or a full disk at any point leaves the previous file at `path`
     untouched. A failed write raises CheckpointError naming the free space and whether an earlier file is kept.
