@@ -1,12 +1,15 @@
 """Every YAML under configs/ loads, and the protocol configs carry the protocol's settings."""
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
 
 from rtda.adapt import STRATEGIES
-from rtda.config import load_config
+from rtda.config import AdaptConfig, DatasetConfig, ModelConfig, load_config
+from rtda.datasets import DATASETS
+from rtda.models import MODELS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LEAVES = sorted(p for p in CONFIGS.rglob("*.yaml") if "_base_" not in p.parts)
@@ -72,3 +75,12 @@ def test_synthetic_configs_share_one_generated_root():
     for root, by_config in settings.items():
         first = next(iter(by_config.values()))
         assert all(s == first for s in by_config.values()), f"{root}: data.synthetic differs between configs"
+
+
+@pytest.mark.parametrize("schema, table", [(AdaptConfig, STRATEGIES), (ModelConfig, MODELS), (DatasetConfig, DATASETS)],
+                         ids=["adapt.name", "model.name", "data.*.name"])
+def test_the_schema_names_exactly_what_the_component_tables_build(schema, table):
+    # The schema lists the names so that a typo fails when the config loads, before any data is read; a new
+    # strategy, model or data set adds its name there too (docs/architecture.md, checklists).
+    names = set(typing.get_args(typing.get_type_hints(schema)["name"]))
+    assert names == set(table), f"{schema.__name__}.name lists {sorted(names)}; the table builds {sorted(table)}"
