@@ -10,7 +10,7 @@ PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 W=$(mktemp -d)
 norm() { sed -E -e "s#$W#WORK#g" -e 's#[0-9]{8}-[0-9]{6}(-[0-9]+)?#STAMP#g' -e 's#[0-9.]+ s( |$)#T s\1#g'; }
-miou() { $PY -c "import json,sys; m=json.load(open(sys.argv[1])); print(json.dumps({k: m[k] for k in sorted(m) if k not in ('time', 'wall_time', 'finished_at', 'started_at', 'environment', 'timing', 'throughput')}, sort_keys=True, indent=1))" "$1"; }
+miou() { $PY -c "import json,sys; m=json.load(open(sys.argv[1])); print(json.dumps({k: m[k] for k in sorted(m) if k not in ('wall_time_s', 'time', 'environment')}, sort_keys=True, indent=1))" "$1"; }
 for help in "train.py" "eval.py" "benchmark.py" "adapt.py pseudo-labels" "-m datasets" "-m datasets prepare" \
             "-m datasets.synthetic" "-m models.export"; do
   $PY $help --help > "$OUT/help_$(echo $help | tr ' .-' '___').txt" 2>&1 || true
