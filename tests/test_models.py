@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, resnet101
 
+from rtda.adapt.losses import segmentation_loss
 from rtda.config import ConfigError
 from rtda.models import SegOutput, build_model, deploy
 from rtda.models.base import CAFFE_BGR_MEAN, InputNorm
 from rtda.models.discriminator import build_discriminator
+from rtda.models.resnet import resnet_features
 
 BN = nn.modules.batchnorm._BatchNorm
 ODD_SIZE = (33, 47)  # not a multiple of 8 or 32
@@ -60,9 +63,38 @@ def test_output_contract(cfg, aux_names, stride8):
 
 def test_bisenet_aux_strides_and_batch_of_one(bisenet18):
     out = bisenet18.train()(images(size=(32, 64)))
-    assert out.aux["context16"].shape[-2:] == (2, 4) and out.aux["context32"].shape[-2:] == (1, 2)
+    assert out.aux["context16"].shape[-2:] == out.aux["context32"].shape[-2:] == (4, 8)  # both at 1/8
     with pytest.raises(ValueError, match="at least 2 images"):
         bisenet18(images(batch=1))
+
+
+def _bilinear(x, size):  # the course template's F.interpolate(..., mode="bilinear"): align_corners False
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def test_bisenet_aux_heads_follow_the_course_template_in_two_steps(bisenet18):
+    # The template (supervision1/2) classifies the context features upsampled to the spatial path's 1/8, then
+    # upsamples the logits to the input size; the one-step path (classify at 1/16 and 1/32, upsample once)
+    # is a different function. Odd sizes make the two grids disagree.
+    model, x = bisenet18.train(), images(size=ODD_SIZE)
+    label = torch.randint(0, 19, (2, *ODD_SIZE), generator=torch.Generator().manual_seed(1))
+    out = model(x)
+    norm = model.input_norm(x)
+    stride8 = model.spatial_path(norm).shape[-2:]
+    layer3, layer4 = resnet_features(model.backbone, norm)
+    contexts = {"context16": model.arm16(layer3), "context32": model.arm32(layer4) * layer4.mean((2, 3), keepdim=True)}
+    for name, context in contexts.items():
+        head = model.aux_heads[name]
+        two_step = _bilinear(head(_bilinear(context, stride8)), ODD_SIZE)
+        one_step = _bilinear(head(context), ODD_SIZE)
+        got = _bilinear(out.aux[name], ODD_SIZE)
+        assert torch.allclose(got, two_step, atol=1e-5, rtol=1e-5), name
+        assert (got - one_step).abs().max() > 1e-2, name
+        # the loss makes the second step: its aux term is the template's cross-entropy
+        ce = segmentation_loss(SegOutput(out.logits, {name: out.aux[name]}), label, 1.0) - \
+            segmentation_loss(SegOutput(out.logits, {}), label, 0.0)
+        assert torch.allclose(ce, F.cross_entropy(two_step, label), atol=1e-5), name
 
 
 def test_input_norm_matches_each_convention():
