@@ -151,6 +151,24 @@ def test_class_mix_mask_covers_exactly_the_chosen_classes_and_never_255():
             assert torch.equal(mask, torch.isin(label, chosen))  # every pixel of a chosen class, nothing else
 
 
+def test_class_mix_from_the_batch_draws_from_the_union_of_its_classes_as_daformer_does():
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[0, :4] = 1                                   # image 0: {0, 1}
+    labels[1] = 2                                       # image 1: {2}; the batch: {0, 1, 2} -> 2 drawn per image
+    drawn = [set(), set()]
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        masks = adapt.mixing.class_mix_masks(labels, C, 0.5, g, from_batch=True)
+        for i, (label, mask) in enumerate(zip(labels, masks)):
+            pasted = set(label[mask].unique().tolist())
+            assert pasted <= set(label.unique().tolist())  # an image pastes only its own pixels
+            drawn[i].add(frozenset(pasted))
+        assert torch.equal(masks[1], masks[1].flatten()[0].expand(8, 8))  # one class: all or nothing
+    assert frozenset() in drawn[1] and frozenset({2}) in drawn[1]  # per image 2 of 3: class 2 drawn, or not
+    per_image = adapt.mixing.class_mix_masks(labels, C, 0.5, torch.Generator().manual_seed(0))
+    assert per_image[1].all()  # DACS's rule: image 1's only class is always drawn (ceil(1 / 2) = 1)
+
+
 def test_class_mix_choice_varies_with_the_generator():
     labels = (torch.arange(200).view(1, 10, 20) % C).expand(3, -1, -1)
     picks = {tuple(adapt.mixing.class_mix_masks(labels, C, 0.5, torch.Generator().manual_seed(s))[0, 0, :C].tolist())

@@ -162,8 +162,11 @@ TORCHVISION_ROWS = {
 SELF_TRAINING_ROWS = {
     "gta5_deeplabv2_minent": {"train.iters": 120_000, "train.poly_horizon": 250_000, "adapt.name": "minent"},
     "gta5_deeplabv2_advent": {"train.iters": 120_000, "train.poly_horizon": 250_000, "adapt.name": "advent"},
+    # DAFormer's ClassMix draw: the batch's classes, 255 counted; MIC's 32 px patches at this half resolution
     **{f"gta5_{net}_{method}": {"train.iters": 40_000, "train.poly_horizon": None, "adapt.name": name,
-                                "adapt.mix_ignore_as_class": True}  # DAFormer's ClassMix draw: 255 counts as a class
+                                "adapt.mix_ignore_as_class": True, "adapt.mix_classes_from_batch": True,
+                                **({"adapt.mask_block": 32} if name == "mic" else {}),
+                                **({"model.freeze_bn": False} if net == "deeplabv2" else {})}
        for net in ("deeplabv2", "bisenet") for method, name in (("daformer_dacs", "dacs"), ("mic", "mic"))},
 }
 

@@ -29,8 +29,8 @@ class DACS(Strategy):
     """
 
     needs_target = True
-    keys = ("crop", "mix_fraction", "mix_ignore_as_class", "ema_alpha", "pseudo_threshold", "jitter_strength",
-            "jitter_p", "blur_p", "blur_sigma", "blur_kernel", "mix_weight", "fd_lambda", "fd_classes",
+    keys = ("crop", "mix_fraction", "mix_ignore_as_class", "mix_classes_from_batch", "ema_alpha", "pseudo_threshold",
+            "jitter_strength", "jitter_p", "blur_p", "blur_sigma", "blur_kernel", "mix_weight", "fd_lambda", "fd_classes",
             "fd_min_ratio", "pseudo_ignore_top", "pseudo_ignore_bottom")
 
     @classmethod
@@ -102,7 +102,7 @@ class DACS(Strategy):
         pixels weight 1, target pixels `target_weight`); backward. Returns the unweighted mix loss."""
         a, cfg = self.cfg.adapt, self.cfg
         mask = mixing.class_mix_masks(source["label"], cfg.model.num_classes, a.mix_fraction, gen,
-                                      a.mix_ignore_as_class)
+                                      a.mix_ignore_as_class, a.mix_classes_from_batch)
         mixed = torch.where(mask[:, None], source["image"], target["image"]).float()
         mixed = mixing.color_jitter(mixed, a.jitter_strength, a.jitter_p, gen)
         mixed = mixing.gaussian_blur(mixed, a.blur_sigma, a.blur_kernel, a.blur_p, gen)

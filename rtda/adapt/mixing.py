@@ -14,11 +14,15 @@ from rtda.datasets.labels import IGNORE_INDEX
 
 
 def class_mix_masks(labels: torch.Tensor, num_classes: int, fraction: float,
-                    generator: torch.Generator | None = None, ignore_as_class: bool = False) -> torch.Tensor:
+                    generator: torch.Generator | None = None, ignore_as_class: bool = False,
+                    from_batch: bool = False) -> torch.Tensor:
     """ClassMix masks [B, H, W]: per image, a random ceil(n * fraction) of the n classes in its label.
 
     255 is never chosen, unless `ignore_as_class`: then it counts as one more class and may be chosen (its
-    pixels are pasted with label 255), as DACS's code does (`adapt.mix_ignore_as_class`).
+    pixels are pasted with label 255), as DACS's code does (`adapt.mix_ignore_as_class`). `from_batch`: the n
+    candidates are the classes of the whole batch, each image drawing its own subset and pasting its own pixels
+    of it (a drawn class absent from the image pastes nothing), as DAFormer's get_class_masks does
+    (`adapt.mix_classes_from_batch`).
     Vectorised on the device without host syncs: class presence by one bincount, a random subset by ranking
     random scores (absent classes score 2, after every present one).
     """
@@ -29,6 +33,8 @@ def class_mix_masks(labels: torch.Tensor, num_classes: int, fraction: float,
     counts = torch.bincount((ids + offsets).reshape(-1), minlength=b * (num_classes + 1))
     columns = num_classes + 1 if ignore_as_class else num_classes  # candidates: with or without the 255 column
     present = counts.view(b, num_classes + 1)[:, :columns] > 0
+    if from_batch:
+        present = present.any(0, keepdim=True).expand(b, -1)
     k = torch.ceil(present.sum(1) * fraction)  # classes to paste per image
     scores = torch.rand(b, columns, device=labels.device, generator=generator).masked_fill(~present, 2.0)
     rank = scores.argsort(1).argsort(1)

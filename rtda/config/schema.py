@@ -178,6 +178,9 @@ class AdaptConfig:
     # Count the ignore label (255) as one more class that ClassMix may pick, as DACS's trainUDA.py does
     # (torch.unique of the label, its ignore filter commented out); false = the paper's "half of the classes".
     mix_ignore_as_class: bool = False
+    # Draw the classes from the whole batch's labels (each image pastes its own pixels of them), as DAFormer's
+    # get_class_masks does (torch.unique over the batch); false = each image's own classes (DACS).
+    mix_classes_from_batch: bool = False
     ema_alpha: float = 0.99  # teacher alpha = min(1 - 1 / (iteration + 1), ema_alpha)
     pseudo_threshold: float = 0.968  # pseudo-label weight = share of target pixels at or above it
     jitter_strength: float = 0.25  # brightness, contrast, saturation and hue
