@@ -14,11 +14,13 @@ the downsample Sequential, the conv), the stem conv once; the frozen BN paramete
 (`get_10x_lr_params`: `layer5.parameters()`, `layer6.parameters()`) names each classifier parameter once.
 
 PyTorch's SGD of that time looped over the list, so a parameter listed k times is updated k times, one after
-the other, in every step, all k updates sharing the momentum buffer `state[p]` (created by the first). Up to
-PyTorch 1.0 (`torch0.4`: AdaptSegNet ran 0.2 and 0.4, ADVENT states 0.4.1) the weight decay was added into
-`p.grad` in place (`d_p = p.grad.data; d_p.add_(weight_decay, p.data)`), so the i-th update of a step sees the
-gradient plus the decay of every earlier update of that step; from 1.1 to 1.7 (`torch1`) it was added to a copy.
-(From 1.8 the k updates of a parameter's first step each start their own buffer; later steps are as in 1.1.)
+the other, in every step, all k updates sharing the momentum buffer `state[p]` (created by the first). PyTorch
+0.4's loop (`torch0.4`; AdaptSegNet ran 0.2 and 0.4, ADVENT states 0.4.1) added the weight decay into `p.grad`
+in place (`d_p = p.grad.data; d_p.add_(weight_decay, p.data)`), so the i-th update of a step sees the gradient
+plus the decay of every earlier update of that step; later 1.x releases (`torch1`: by 1.4 at the latest, up to
+1.7) add it to a copy. (From 1.8 on the k updates of a parameter's first step each start their own buffer;
+later steps are as in `torch1`.)
+
 `RepeatedSGD` performs the update for a parameter of multiplicity k without listing any parameter twice (current
 PyTorch warns about duplicates and is to refuse them). With k = 1 it is `torch.optim.SGD` (momentum, no
 dampening, no Nesterov), operation for operation.
