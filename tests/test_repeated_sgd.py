@@ -198,6 +198,22 @@ def test_grad_scaler_and_a_state_dict_round_trip_give_the_straight_run(model):
     assert second.param_groups[0]["repeats"] == first.param_groups[0]["repeats"]
 
 
+def test_state_dicts_load_across_torch_sgd_and_repeated_sgd(model):
+    """A resume that turns the option on or off (--apply-changes) loads the other optimiser's state."""
+    repeated = ours(model, inplace_decay=False)
+    backward(model, 0)
+    repeated.step()
+    sgd = torch.optim.SGD([{"params": g["params"]} for g in repeated.param_groups], lr=LR, momentum=MOMENTUM,
+                          weight_decay=WEIGHT_DECAY)
+    sgd.load_state_dict(copy.deepcopy(repeated.state_dict()))
+    sgd.step()  # the buffers carried over; the group keys SGD reads are there
+    again = ours(model, inplace_decay=True)
+    again.load_state_dict(copy.deepcopy(sgd.state_dict()))
+    assert again.param_groups[0]["repeats"] == repeated.param_groups[0]["repeats"]
+    assert again.param_groups[0]["inplace_decay"]
+    again.step()
+
+
 # ------------------------------------------------------------------------------------- the project's model
 def test_deeplabv2_multiplicities_are_the_official_walks():
     cfg = load_config(REPO / "configs" / "gta5_deeplabv2_adv_paper.yaml",

@@ -67,7 +67,10 @@ class RepeatedSGD(torch.optim.Optimizer):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"RepeatedSGD: lr = {lr}, momentum = {momentum}, weight_decay = {weight_decay}: "
                              f"expected values >= 0")
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "inplace_decay": inplace_decay}
+        # dampening and nesterov: the values this update implements, named so that torch.optim.SGD can load its
+        # state_dict (a resume that turns the option off with --apply-changes)
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "inplace_decay": inplace_decay,
+                    "dampening": 0.0, "nesterov": False}
         super().__init__(params, defaults)
         for group in self.param_groups:
             repeats = group.setdefault("repeats", [1] * len(group["params"]))
