@@ -126,6 +126,7 @@ ADAPTSEGNET = {
     "data.val.size": [1024, 512], "train.batch_size": 1, "train.iters": 150_000, "train.poly_horizon": 250_000,
     "adapt.name": "adversarial", "adapt.lambda_adv": 0.001, "adapt.gan": "bce", "adapt.discriminator": "standard",
     "adapt.d_lr": 1e-4, "adapt.d_betas": [0.9, 0.99], "adapt.source_label": 0.0, "adapt.target_label": 1.0,
+    "train.official_param_repeats": "torch0.4",  # get_1x_lr_params_NOscale's repeats, PyTorch 0.4's SGD loop
 }
 FDA = {
     "model.pretrained": "data/pretrained/DeepLab_init.pth", "model.aspp_dilations": [6, 12, 18, 24],
@@ -133,6 +134,7 @@ FDA = {
     "data.val.size": [1344, 576], "train.batch_size": 1, "train.iters": 100_000, "train.poly_horizon": 150_000,
     "adapt.name": "fda", "adapt.crop": [1024, 512], "adapt.entropy_weight": 0.005, "adapt.entropy_eta": 2.0,
     "adapt.entropy_eps": 1e-8, "adapt.entropy_start": 0,
+    "train.official_param_repeats": "torch1",  # get_1x_lr_params_NOscale's repeats, PyTorch 1.x's SGD loop
 }
 FDA_SSL = {"data.target.pseudo_labels": "runs/pseudo_labels/gta5_deeplabv2_fda_mbt_paper", "adapt.pseudo_weight": 1.0,
            "adapt.pseudo_percentile": 0.66, "adapt.pseudo_cap": 0.9}
@@ -150,7 +152,7 @@ PAPER_ROWS = {
         "adapt.name": "dacs", "adapt.crop": [512, 512], "adapt.mix_fraction": 0.5, "adapt.mix_ignore_as_class": True,
         "adapt.ema_alpha": 0.99, "adapt.pseudo_threshold": 0.968, "adapt.jitter_strength": 0.25,
         "adapt.jitter_p": 0.8, "adapt.blur_p": 0.5, "adapt.blur_sigma": [0.15, 1.15], "adapt.blur_kernel": 0.1,
-        "adapt.mix_weight": 1.0},
+        "adapt.mix_weight": 1.0, "train.official_param_repeats": "torch1"},
 }
 # The torchvision-weight variants of the rows: the papers' schedule and scoring, ImageNet weights.
 TORCHVISION_ROWS = {
@@ -190,7 +192,8 @@ def test_paper_config_resolves_to_the_papers_recipe(name):
 def test_torchvision_rows_keep_imagenet_weights_with_the_papers_schedule_and_scoring(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     expected = {"model.pretrained": "imagenet", "model.resnet_variant": "v1.5", "model.input_norm": "imagenet",
-                "model.aspp_dilations": [6, 12, 18, 24], "eval.label_size": "full", **TORCHVISION_ROWS[name]}
+                "model.aspp_dilations": [6, 12, 18, 24], "eval.label_size": "full", **TORCHVISION_ROWS[name],
+                "train.official_param_repeats": "none"}  # the repeats are the published rows' alone
     wrong = {k: (resolved(cfg, k), v) for k, v in expected.items() if resolved(cfg, k) != v}
     assert not wrong, f"{name}: key: (config, expected) {wrong}"
 

@@ -218,6 +218,11 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     head_lr_mult: float = 10.0
+    # SGD only: update each backbone parameter as many times per step as the official optimisers of AdaptSegNet,
+    # ADVENT, FDA and DACS list it (their module walk names a bottleneck conv 3 times, a downsample conv 4; about
+    # 3x the stated backbone LR), with the SGD loop of the PyTorch they ran: torch0.4 (the weight decay added into
+    # .grad in place, so it accumulates over the repeats) or torch1 (1.x up to 1.7: on a copy); repeated_sgd.py.
+    official_param_repeats: Literal["none", "torch1", "torch0.4"] = "none"
     poly_power: float = 0.9
     # Iteration at which poly would reach 0; null = the stop iteration. AdaptSegNet decays over 250k and stops
     # at 150k (its LR ends at 44% of base), FDA over 150k and stops at 100k (37%). Strategy optimisers follow.

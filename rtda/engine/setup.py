@@ -19,6 +19,7 @@ from rtda.engine.context import StepContext
 from rtda.models import build_model
 from rtda.utils.amp import autocast_dtype, grad_scaler, load_scaler_state
 from rtda.utils.distributed import Distributed
+from rtda.utils.repeated_sgd import RepeatedSGD, official_repeats
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -145,13 +146,26 @@ def build_parts(cfg: Config, dist: Distributed, max_iters: int) -> TrainState:
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD, Adam or AdamW over the model's parameter groups; the head learns `head_lr_mult` times faster."""
+    """SGD, Adam or AdamW over the model's parameter groups; the head learns `head_lr_mult` times faster.
+
+    `train.official_param_repeats`: RepeatedSGD, each backbone parameter updated as often per step as the
+    official module walk over the backbone's children lists it (the head's parameters once, as theirs).
+    """
     t = cfg.train
     groups = model.param_groups()
     param_groups = [
         {"params": [p for p in groups["backbone"] if p.requires_grad], "lr": t.lr, "name": "backbone"},
         {"params": [p for p in groups["head"] if p.requires_grad], "lr": t.lr * t.head_lr_mult, "name": "head"},
     ]
+    if t.official_param_repeats != "none":
+        if t.optimizer != "sgd":
+            raise ConfigError(f"train.official_param_repeats = {t.official_param_repeats!r} reproduces an official "
+                              f"SGD loop; train.optimizer = {t.optimizer!r}: expected 'sgd' (or "
+                              f"official_param_repeats: none)")
+        counts = official_repeats(model.backbone.children())  # conv1, bn1, layer1..4 for the ResNets
+        param_groups[0]["repeats"] = [counts.get(id(p), 1) for p in param_groups[0]["params"]]
+        return RepeatedSGD(param_groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                           inplace_decay=t.official_param_repeats == "torch0.4")
     if t.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
