@@ -311,16 +311,17 @@ def test_class_mix_default_keeps_its_random_stream():
         assert set(label[b][masks[b]].tolist()) == set(ranked)
 
 
-def test_dacs_strategy_passes_mix_ignore_as_class(monkeypatch):
+def test_dacs_strategy_passes_its_class_mix_options(monkeypatch):
     calls = []
     real = adapt.mixing.class_mix_masks
 
-    def recording(labels, num_classes, fraction, generator=None, ignore_as_class=False):
-        calls.append(ignore_as_class)
-        return real(labels, num_classes, fraction, generator, ignore_as_class)
+    def recording(labels, num_classes, fraction, generator=None, ignore_as_class=False, from_batch=False):
+        calls.append((ignore_as_class, from_batch))
+        return real(labels, num_classes, fraction, generator, ignore_as_class, from_batch)
 
     monkeypatch.setattr(adapt.mixing, "class_mix_masks", recording)
-    cfg = from_dict({"model": {"num_classes": 19}, "adapt": {"name": "dacs", "mix_ignore_as_class": True},
+    cfg = from_dict({"model": {"num_classes": 19},
+                     "adapt": {"name": "dacs", "mix_ignore_as_class": True, "mix_classes_from_batch": True},
                      "data": {"source": {"size": [32, 16]}, "target": {"size": [32, 16]}}})
     model = TinySeg()
     strategy = adapt.build_strategy(cfg, model)
@@ -331,7 +332,7 @@ def test_dacs_strategy_passes_mix_ignore_as_class(monkeypatch):
     ctx = StepContext(10, torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False),
                       poly_schedule(10, 0.9))
     strategy.training_step(model, source, target, ctx)
-    assert calls == [True]
+    assert calls == [(True, True)]
 
 
 # ---------------------------------------------------------------------------------- bicubic resizes
