@@ -112,6 +112,7 @@ def test_trainer_uses_the_horizon(synthetic_root, tmp_path):
 SHARED = {
     "model.name": "deeplabv2", "model.backbone": "resnet101", "model.resnet_variant": "v1",
     "model.input_norm": "caffe", "model.freeze_bn": True, "model.num_classes": 19,
+    "model.align_corners": True,  # the three codes upsample logits with align_corners=True (issue 28)
     "data.source.name": "gta5", "data.source.size": [1280, 720], "data.source.interpolation": "bicubic",
     "data.target.name": "cityscapes", "data.target.split": "train", "data.target.size": [1024, 512],
     "data.val.name": "cityscapes", "data.val.split": "val",
@@ -192,8 +193,8 @@ def test_paper_config_resolves_to_the_papers_recipe(name):
 def test_torchvision_rows_keep_imagenet_weights_with_the_papers_schedule_and_scoring(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     expected = {"model.pretrained": "imagenet", "model.resnet_variant": "v1.5", "model.input_norm": "imagenet",
-                "model.aspp_dilations": [6, 12, 18, 24], "eval.label_size": "full", **TORCHVISION_ROWS[name],
-                "train.official_param_repeats": "none"}  # the repeats are the published rows' alone
+                "model.aspp_dilations": [6, 12, 18, 24], "eval.label_size": "full", "model.align_corners": False,
+                **TORCHVISION_ROWS[name], "train.official_param_repeats": "none"}  # the repeats are the published rows' alone
     wrong = {k: (resolved(cfg, k), v) for k, v in expected.items() if resolved(cfg, k) != v}
     assert not wrong, f"{name}: key: (config, expected) {wrong}"
 

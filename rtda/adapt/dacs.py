@@ -5,7 +5,6 @@ import contextlib
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rtda.adapt import mixing
@@ -14,6 +13,7 @@ from rtda.adapt.daformer import ImageNetFeatureDistance, protocol_pixels, pseudo
 from rtda.adapt.ema import ema_alpha, ema_update
 from rtda.adapt.losses import segmentation_loss
 from rtda.config import Config, ConfigError
+from rtda.models.base import align_corners_of, upsample
 
 
 class DACS(Strategy):
@@ -91,8 +91,7 @@ class DACS(Strategy):
         with ctx.autocast():
             out_t = self.teacher(images)
             logits_t = out_t.logits if hasattr(out_t, "logits") else out_t
-            probs = F.interpolate(logits_t.float(), size=images.shape[-2:], mode="bilinear",
-                                  align_corners=False).softmax(1)
+            probs = upsample(logits_t.float(), images.shape[-2:], align_corners_of(self.teacher)).softmax(1)
         confidence, pseudo = probs.max(1)
         pseudo_weight = (confidence >= self.cfg.adapt.pseudo_threshold).float().mean()
         return pseudo, confidence, pseudo_weight

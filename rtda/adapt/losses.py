@@ -8,26 +8,29 @@ import torch
 import torch.nn.functional as F
 
 from rtda.datasets.labels import IGNORE_INDEX
+from rtda.models.base import upsample
 
 
 def segmentation_loss(output, label: torch.Tensor, aux_weight: float,
                       weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the main logits plus `aux_weight` times that of each auxiliary output, each upsampled
-    (bilinear) to the label size [B, H, W] and computed in float32. Pixels labelled 255 are ignored.
+    (bilinear, on the output's grid `output.align_corners`) to the label size [B, H, W] and computed in float32.
+    Pixels labelled 255 are ignored.
 
     Without `weight`: the mean over the labelled pixels. With `weight` [B, H, W] (DACS's pixel-weighted form):
     the mean over *all* pixels of weight * CE, ignored pixels counting 0.
     """
-    size = label.shape[-2:]
-    loss = _upsampled_ce(output.logits, label, size, weight)
+    size, grid = label.shape[-2:], output.align_corners
+    loss = _upsampled_ce(output.logits, label, size, weight, grid)
     for aux_logits in output.aux.values():
-        loss = loss + aux_weight * _upsampled_ce(aux_logits, label, size, weight)
+        loss = loss + aux_weight * _upsampled_ce(aux_logits, label, size, weight, grid)
     return loss
 
 
-def _upsampled_ce(logits: torch.Tensor, label: torch.Tensor, size, weight: torch.Tensor | None) -> torch.Tensor:
+def _upsampled_ce(logits: torch.Tensor, label: torch.Tensor, size, weight: torch.Tensor | None,
+                  align_corners: bool) -> torch.Tensor:
     if logits.shape[-2:] != size:
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        logits = upsample(logits, size, align_corners)
     if weight is None:
         return F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX)
     ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="none")
@@ -47,7 +50,8 @@ def entropy_map(probs: torch.Tensor) -> torch.Tensor:
 
 
 def upsampled_softmaxes(output, size, multi_level: bool, float32: bool = True) -> dict[str, torch.Tensor]:
-    """Softmax of the main (and, multi-level, the first auxiliary) logits upsampled (bilinear) to `size`:
+    """Softmax of the main (and, multi-level, the first auxiliary) logits upsampled (bilinear, on the output's
+    grid `output.align_corners`) to `size`:
     {"main": [B, C, H, W], "aux": ...}. Raises ValueError when multi-level and the model returned no aux output.
 
     `float32` casts the logits before the softmax (ADVENT's losses); AdaptSegNet's discriminators take the
@@ -58,7 +62,7 @@ def upsampled_softmaxes(output, size, multi_level: bool, float32: bool = True) -
         if not output.aux:
             raise ValueError("adapt.multi_level = true: the model returned no auxiliary output (model.aux)")
         levels["aux"] = next(iter(output.aux.values()))
-    upsampled = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in levels.items()}
+    upsampled = {k: upsample(v, size, output.align_corners) for k, v in levels.items()}
     return {k: (v.float() if float32 else v).softmax(1) for k, v in upsampled.items()}
 
 

@@ -100,7 +100,8 @@ def _target_predictions(cfg: Config, checkpoints: list[str], device: torch.devic
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
             # float32 whatever train.amp says: bf16 logits (8-bit mantissa) would move confidences across the
-            # per-class thresholds, which sit near the 0.9 cap.
+            # per-class thresholds, which sit near the 0.9 cap. The logits are upsampled on the checkpoints' grid
+            # (model.align_corners, which load_models builds them with), as FDA's getSudoLabel_multi.py does.
             confidence, pred = predict_probs(models, images, images.shape[-2:], amp_dtype=None).max(1)
             yield batch["name"], pred, confidence
 

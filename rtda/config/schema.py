@@ -135,6 +135,10 @@ class ModelConfig:
     # DeepLabV2: extra classifier on layer3 (multi-level training)
     aux_head: bool = field(default=False, metadata=STRUCTURE)
     aux_weight: float = 1.0  # weight of each auxiliary segmentation loss
+    # How logits and softmaxes are resized (bilinear) everywhere: the model's output, the losses, evaluation and
+    # pseudo-labels (images keep align_corners=False, labels nearest). `true` is the caffe DeepLab grid that
+    # AdaptSegNet, ADVENT, FDA and DACS upsample with; DAFormer and MIC (mmseg) use false.
+    align_corners: bool = False
 
 
 @dataclass

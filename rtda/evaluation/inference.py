@@ -17,6 +17,7 @@ from torch import nn
 
 from rtda.config import Config, ConfigError
 from rtda.evaluation.metrics import update_confusion
+from rtda.models.base import align_corners_of, upsample
 from rtda.models.export import OnnxModel, is_onnx_file
 from rtda.utils.amp import autocast
 from rtda.utils.distributed import all_reduce_sum
@@ -113,7 +114,8 @@ def predict_probs(models: list[nn.Module], images: torch.Tensor, size=None,
     """The mean softmax of eval-mode `models` on `images` (raw 0-255), upsampled to `size` [B, C, H, W].
 
     With `inference`, every model also sees the flipped and rescaled images (TTA) and/or runs on sliding
-    windows; all softmax maps (at `size`, or the images' size) are averaged.
+    windows; all softmax maps (at `size`, or the images' size) are averaged. Logits are resized on each model's
+    grid (`align_corners_of(model)`, the config's `model.align_corners`); rescaled images on align_corners=False.
     """
     inference = inference or Inference()
     size = tuple(size) if size is not None else tuple(images.shape[-2:])
@@ -136,7 +138,7 @@ def predict_probs(models: list[nn.Module], images: torch.Tensor, size=None,
                 if flipped:
                     logits = logits.flip(-1)
                 if tuple(logits.shape[-2:]) != size:
-                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                    logits = upsample(logits, size, align_corners_of(model))
                 p = logits.softmax(1)
                 probs = p if probs is None else probs.add_(p)
                 n += 1

@@ -56,6 +56,7 @@ def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
         raise ConfigError("model.pretrained = imagenet loads torchvision weights, which need "
                          "model.resnet_variant: v1.5 and model.input_norm: imagenet")
     model = MODELS[cfg.name](cfg)
+    model.align_corners = cfg.align_corners  # the logits' resize grid (SegmentationModel.__init__ says why here)
     caffe_setup = cfg.resnet_variant == "v1" and cfg.input_norm == "caffe"
     load_backbone_weights(model.backbone, cfg.pretrained, backbone_name(cfg), caffe_setup)
     return model

@@ -15,10 +15,13 @@ from torch import nn
 
 
 class SegOutput(NamedTuple):
-    """Training-mode output: main logits at the network's stride and named auxiliary logits."""
+    """Training-mode output: main logits at the network's stride, named auxiliary logits, and the grid they are
+    resized on (`align_corners` of the bilinear resize: the model's `align_corners`). The logits carry their grid
+    so that every loss resizes them as the model does, without each strategy passing a flag it could forget."""
 
     logits: torch.Tensor
     aux: dict[str, torch.Tensor]
+    align_corners: bool = False
 
 
 # mean/std on the 0-1 scale (torchvision weights) and caffe BGR means on the 0-255 scale (DeepLab weights)
@@ -57,9 +60,16 @@ class InputNorm(nn.Module):
         return self.mode
 
 
-def upsample(x: torch.Tensor, size) -> torch.Tensor:
-    """The bilinear resize used everywhere in the models (align_corners=False, like adapt.segmentation_loss)."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+def upsample(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
+    """The bilinear resize of logits and softmaxes everywhere (the models' outputs, the losses, evaluation), on
+    the model's grid `align_corners` (`align_corners_of(model)`); feature maps inside a model keep False."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def align_corners_of(model: nn.Module) -> bool:
+    """The grid `model` resizes its logits on: its `align_corners` (through a DDP wrapper); False, the project's
+    default grid, for a module without one (a stand-in, an ONNX file exported before the option)."""
+    return bool(getattr(getattr(model, "module", model), "align_corners", False))
 
 
 class SegmentationModel(nn.Module, abc.ABC):
@@ -71,6 +81,10 @@ class SegmentationModel(nn.Module, abc.ABC):
     def __init__(self, input_norm: str):
         super().__init__()
         self.input_norm = InputNorm(input_norm)
+        # One home for `model.align_corners`: build_model sets it from the config; the model's own upsampling
+        # uses it, its training output carries it to the losses (SegOutput) and evaluation reads it from the model
+        # (align_corners_of), so no strategy or evaluator reads the config for it and none can disagree.
+        self.align_corners = False
 
     @abc.abstractmethod
     def forward_logits(self, x: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -79,8 +93,8 @@ class SegmentationModel(nn.Module, abc.ABC):
     def forward(self, images: torch.Tensor):
         logits, aux = self.forward_logits(self.input_norm(images), with_aux=self.training)
         if self.training:
-            return SegOutput(logits, aux)
-        return upsample(logits, images.shape[-2:])
+            return SegOutput(logits, aux, self.align_corners)
+        return upsample(logits, images.shape[-2:], self.align_corners)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: the (pretrained) backbone and the new modules (trained at a higher LR)."""

@@ -36,7 +36,12 @@ class DeployedModel(nn.Module):
         """The computation itself, with no grad-mode switch: what an exporter or a compiler should trace."""
         x = self.model.input_norm(images).contiguous(memory_format=torch.channels_last)
         logits, _ = self.model.forward_logits(x, with_aux=False)
-        return upsample(logits, images.shape[-2:])
+        return upsample(logits, images.shape[-2:], self.model.align_corners)
+
+    @property
+    def align_corners(self) -> bool:
+        """The wrapped model's resize grid, for evaluation (`align_corners_of`)."""
+        return self.model.align_corners
 
     def graph(self) -> nn.Module:
         """A module whose forward is `forward_graph` (sharing these weights), for torch.onnx and torch.compile."""

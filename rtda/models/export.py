@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from rtda.config import ConfigError, load_config
+from rtda.models.base import align_corners_of
 from rtda.utils.files import CheckpointError, atomic_write
 
 DEFAULT_OPSET = 17  # the TorchScript exporter's; ONNX Runtime >= 1.14 and TensorRT >= 8.6 run it
@@ -90,7 +91,9 @@ def export_onnx(deployed: nn.Module, path: str | Path, size: tuple[int, int], dy
         used = _run_exporter(graph, example, tmp_file, dynamic, exporter, opset)
         # one file: load (external data included, if an exporter wrote any) and save with every weight inline
         model = onnx.load(str(tmp_file))
-        for key, value in {**(metadata or {}), "exporter": used, "torch": torch.__version__}.items():
+        # align_corners: the grid evaluation resizes this file's logits on (OnnxModel.align_corners)
+        for key, value in {**(metadata or {}), "align_corners": align_corners_of(deployed), "exporter": used,
+                           "torch": torch.__version__}.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = str(key), str(value)
         try:
@@ -210,6 +213,8 @@ class OnnxModel(nn.Module):
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         classes = self.metadata.get("num_classes") or outputs[0].shape[1]
         self.num_classes = int(classes) if str(classes).isdigit() else None
+        # the model's resize grid (align_corners_of); files exported before the option had False
+        self.align_corners = self.metadata.get("align_corners") == "True"
         self.providers = self.session.get_providers()
 
     def check_size(self, height: int, width: int) -> None:
