@@ -26,7 +26,7 @@ from rtda.engine.context import StepContext
 from rtda.engine.monitor import LossMeter, StopRequest
 from rtda.engine.resume import ResumePoint, find_resume_path, lock_run, open_run, read_resume_point
 from rtda.engine.runlog import RunLog, Validator
-from rtda.engine.setup import Progress, TrainState, build_data, build_parts, check_combinations
+from rtda.engine.setup import Data, Progress, TrainState, build_data, build_parts, check_combinations
 from rtda.runs import check_run_name
 from rtda.utils.distributed import Distributed, init_distributed
 from rtda.utils.files import output_folder_problem
@@ -43,6 +43,8 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None,
 
     Everything that can be checked is checked before anything is written: a run that fails before its first
     step leaves no run folder, and a resume touches nothing of the run it names until its state has loaded.
+    The run folder's lock (`lock_run`) is held from the moment it is opened to the return, whatever the way out:
+    RunLockError when another live process trains it.
     `stop` receives SIGINT/SIGTERM (the CLI reads which one stopped the run from it).
     """
     check_run_name(cfg.name)
@@ -66,8 +68,8 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None,
         return run_training(cfg, run_dir, progress, point, data, parts, stop or StopRequest(), dist, held)
 
 
-def run_training(cfg: Config, run_dir: Path, progress: Progress, point: ResumePoint | None, data, parts: TrainState,
-                 stop: StopRequest, dist: Distributed, held: contextlib.ExitStack) -> Path:
+def run_training(cfg: Config, run_dir: Path, progress: Progress, point: ResumePoint | None, data: Data,
+                 parts: TrainState, stop: StopRequest, dist: Distributed, held: contextlib.ExitStack) -> Path:
     """The run once its folder is open: take a new folder's lock (into `held`), apply a resume's accepted
     changes, loop, finish (metrics.json) or report the stop; a new run that fails before its first step is removed.
     """
