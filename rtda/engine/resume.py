@@ -1,5 +1,6 @@
 """Continuing a run: find the checkpoint to resume, lock its run folder (`lock_run`), read the checkpoint, check it
 against the config, restore from it.
+
 Nothing of the resumed run is touched until its checkpoint has loaded and passed every check.
 """
 from __future__ import annotations
