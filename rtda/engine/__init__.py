@@ -6,7 +6,7 @@
     trainer     train(), train_loop(), train_step(): the story of a run
     context     StepContext: the whole contract a strategy sees
     setup       data sets, train state (TrainState via build_parts), optimiser, LR schedule, combination checks
-    resume      ResumePoint: find, read, check and apply a resume
+    resume      ResumePoint: find, read, check and apply a resume; lock_run (the run's one writer)
     checkpoint  Checkpointer: last.pt, best.pt and snapshots, refused for a diverged run
     monitor     DivergenceGuard, LossMeter, StopRequest (signals, wall time)
     runlog      Validator and RunLog: TensorBoard, progress bar, config.yaml, metrics.json

@@ -13,6 +13,7 @@ from rtda.datasets import DatasetError
 from rtda.datasets.loaders import worker_message
 from rtda.engine.monitor import StopRequest, TrainingDiverged
 from rtda.engine.trainer import train
+from rtda.runs import RunLockError
 from rtda.utils.distributed import close_distributed
 from rtda.utils.files import CheckpointError
 
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
         print(f"error: {worker_message(exc)}\n  check every file with: python -m rtda.datasets --config {args.config} "
               f"--check", file=sys.stderr)
         return 1
-    except (ConfigError, FileNotFoundError, CheckpointError, TrainingDiverged) as exc:
+    except (ConfigError, FileNotFoundError, CheckpointError, TrainingDiverged, RunLockError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

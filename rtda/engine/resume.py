@@ -1,9 +1,11 @@
-"""Continuing a run: find and read the checkpoint to resume, check it against the config, restore from it.
+"""Continuing a run: find the checkpoint to resume, lock its run folder (`lock_run`), read the checkpoint, check it
+against the config, restore from it.
 
 Nothing of the resumed run is touched until its checkpoint has loaded and passed every check.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -75,19 +77,47 @@ class ResumePoint:
                 f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items()), flush=True)
 
 
-def find_resume_point(resume: str, work_dir: Path, cfg: Config, dist: Distributed) -> ResumePoint | None:
-    """`auto`: the newest run folder of the config, if it is unfinished and has a last.pt; otherwise the path."""
+def find_resume_path(resume: str, work_dir: Path, cfg: Config, dist: Distributed) -> Path | None:
+    """The checkpoint `--resume` names, not read yet. `auto`: the newest run folder's last.pt, if that run is
+    unfinished and has one (None otherwise: a new run). A folder is refused with its last.pt as the suggestion."""
     if resume == "auto":
         last, reason = runs.newest_unfinished_run(work_dir, cfg.name)
-        if last is not None:
-            return read_resume_point(last, dist)
-        if dist.is_main:
+        if last is None and dist.is_main:
             print(f"--resume auto: {reason}; starting a new run", flush=True)
-        return None
+        return last
     path = Path(resume)
+    if path.is_dir():
+        hint = (f"did you mean --resume {path / runs.LAST}?" if (path / runs.LAST).is_file()
+                else f"it holds no {runs.LAST}")
+        raise FileNotFoundError(f"--resume {resume}: a folder, expected a checkpoint file ({hint})")
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume}: checkpoint not found")
-    return read_resume_point(path, dist)
+    return path
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: Path, dist: Distributed):
+    """Hold `run_dir`'s one-writer lock (`runs.RunLock`) for the `with` block, released on every way out.
+
+    Only rank 0 takes it; every rank follows its decision (RunLockError on all of them when it is refused), so a
+    torchrun job holds one lock. A lock taken over from a process that is gone is reported in one line."""
+    lock, refused = None, None
+    if dist.is_main:
+        lock = runs.RunLock(run_dir)
+        try:
+            note = lock.acquire()
+            if note:
+                print(note, flush=True)
+        except runs.RunLockError as exc:
+            lock, refused = None, str(exc)
+    refused = broadcast_object(refused)
+    if refused:
+        raise runs.RunLockError(refused)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def read_resume_point(path: Path, dist: Distributed) -> ResumePoint:

@@ -24,9 +24,10 @@ from rtda.datasets.loaders import split_batch, to_device, val_loader, worker_mes
 from rtda.engine.checkpoint import Checkpointer
 from rtda.engine.context import StepContext
 from rtda.engine.monitor import LossMeter, StopRequest
-from rtda.engine.resume import find_resume_point, open_run
+from rtda.engine.resume import ResumePoint, find_resume_path, lock_run, open_run, read_resume_point
 from rtda.engine.runlog import RunLog, Validator
-from rtda.engine.setup import Progress, TrainState, build_data, build_parts, check_combinations
+from rtda.engine.setup import Data, Progress, TrainState, build_data, build_parts, check_combinations
+from rtda.runs import check_run_name
 from rtda.utils.distributed import Distributed, init_distributed
 from rtda.utils.files import output_folder_problem
 from rtda.utils.seed import seed_everything
@@ -42,8 +43,11 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None,
 
     Everything that can be checked is checked before anything is written: a run that fails before its first
     step leaves no run folder, and a resume touches nothing of the run it names until its state has loaded.
+    The run folder's lock (`lock_run`) is held from the moment it is opened to the return, whatever the way out:
+    RunLockError when another live process trains it.
     `stop` receives SIGINT/SIGTERM (the CLI reads which one stopped the run from it).
     """
+    check_run_name(cfg.name)
     dist = init_distributed()
     seed_everything(cfg.seed, cfg.train.deterministic)  # every rank builds the same model and strategy
     data = build_data(cfg, dist)
@@ -52,16 +56,28 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None,
     if dist.enabled:  # ...but draws its own random numbers while training
         seed_everything(cfg.seed + dist.rank, cfg.train.deterministic)
     work_dir = Path(work_dir)
-    point = find_resume_point(resume, work_dir, cfg, dist) if resume else None
-    if point is not None:
-        point.check(cfg, apply_changes)
-    check_writable(work_dir, "--work-dir")
+    resume_path = find_resume_path(resume, work_dir, cfg, dist) if resume else None
+    with contextlib.ExitStack() as held:  # the run folder's lock, released on every way out
+        point = None
+        if resume_path is not None:  # locked before its last.pt is read: no other writer can replace it now
+            held.enter_context(lock_run(resume_path.parent, dist))
+            point = read_resume_point(resume_path, dist)
+            point.check(cfg, apply_changes)
+        check_writable(work_dir, "--work-dir")
+        run_dir, progress = open_run(cfg, work_dir, point, parts, dist)
+        return run_training(cfg, run_dir, progress, point, data, parts, stop or StopRequest(), dist, held)
 
-    run_dir, progress = open_run(cfg, work_dir, point, parts, dist)
+
+def run_training(cfg: Config, run_dir: Path, progress: Progress, point: ResumePoint | None, data: Data,
+                 parts: TrainState, stop: StopRequest, dist: Distributed, held: contextlib.ExitStack) -> Path:
+    """The run once its folder is open: take a new folder's lock (into `held`), apply a resume's accepted
+    changes, loop, finish (metrics.json) or report the stop; a new run that fails before its first step is removed.
+    """
     fresh = point is None
-    stop = stop or StopRequest()
     log = None
     try:
+        if fresh:
+            held.enter_context(lock_run(run_dir, dist))
         if point is not None and point.changes:
             point.apply(run_dir, cfg, parts, dist)
         log = RunLog(cfg, run_dir, dist, progress.iteration, data.max_iters, write_config=fresh or bool(point.changes))
