@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rtda.models import build_model, export
-from rtda.utils.files import save_checkpoint
+from rtda.utils.files import OUTPUTS_MANIFEST, save_checkpoint
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -53,7 +53,8 @@ def test_export_writes_one_self_contained_file_and_reports_parity(trained, tmp_p
     printed = capsys.readouterr().out
     assert "exporter: torchscript" in printed and f"opset {export.DEFAULT_OPSET}" in printed
     assert "max abs diff" in printed and "argmax agreement 100.000%" in printed
-    assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]  # no .onnx.data, nothing staged left
+    # no .onnx.data, nothing staged left; the manifest notes the file as the project's (a re-export replaces it)
+    assert sorted(p.name for p in out.parent.iterdir()) == [OUTPUTS_MANIFEST, "model.onnx"]
     proto = onnx.load(str(out), load_external_data=False)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -141,7 +142,7 @@ def test_dynamo_exporter_gives_the_same_model(trained, tmp_path, capsys):
     assert export.main(["--config", str(config), "--checkpoint", str(checkpoint), "--out", str(out),
                         "--size", "32x64", "--exporter", "dynamo"]) == 0
     assert "exporter: dynamo" in capsys.readouterr().out
-    assert [p.name for p in tmp_path.iterdir()] == ["dynamo.onnx"]  # external_data=False: one file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [OUTPUTS_MANIFEST, "dynamo.onnx"]  # one file
     images = torch.rand(1, 3, 32, 64) * 255
     with torch.no_grad():
         expected = model(images)

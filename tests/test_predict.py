@@ -174,9 +174,10 @@ def test_bad_inputs_are_one_line(setup, tmp_path, capsys):
     base = ["--config", str(config), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]
     cases = [(["--images", str(tmp_path / "missing")], "missing: no such folder or video file"),
              (["--images", str(config)], "takes a folder of images or a video file"),
-             (["--images", str(tmp_path)], "no images"),
+             (["--images", str(tmp_path / "empty")], "no images"),
              (["--images", str(images), "--input-size", "big"], "--input-size 'big'")]
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
+    (tmp_path / "empty").mkdir()  # beside --out: an --out inside --images is refused before the folder is read
     cases.append((["--images", str(tmp_path / "broken.mp4")], "broken.mp4"))
     for extra, expected in cases:
         assert evaluator.main(base + extra + ["--no-progress"]) == 1, extra

@@ -32,6 +32,7 @@ from rtda.bench.common import THESIS_SIZE, BenchmarkError, parse_size
 from rtda.bench.options import SUBCOMMANDS, add_options
 from rtda.config import ConfigError, load_config
 from rtda.experiments import ExperimentError
+from rtda.utils.files import OverwriteError, check_overwrite, record_outputs
 
 
 def _config_run(args) -> tuple:
@@ -109,6 +110,12 @@ def main_tables(args) -> int:
     from rtda.bench.plot import plot_miou_fps
     from rtda.bench.tables import build_tables, find_runs, format_csv, format_markdown
 
+    if args.plot:  # a file the project did not write is refused before any work (rtda.utils.files)
+        plot_file = Path(args.plot)
+        try:
+            check_overwrite(plot_file.parent, [plot_file.name], args.overwrite)
+        except OverwriteError as exc:
+            raise BenchmarkError(f"--plot {exc}") from None
     runs, problems = find_runs(args.runs)
     tables = build_tables(runs, args.table, args.metric, problems)
     print((format_csv if args.format == "csv" else format_markdown)(tables), end="")
@@ -116,6 +123,7 @@ def main_tables(args) -> int:
         problems.append(f"no run fits table {args.table!r}")
     if args.plot:
         drawn = plot_miou_fps(runs, args.plot, args.metric, problems, args.plot_form)
+        record_outputs(plot_file.parent, [plot_file.name])  # a later `tables --plot` may replace it
         print(f"wrote {args.plot} ({drawn} markers)", file=sys.stderr)
     for line in problems:
         print(f"benchmark.py: {line}", file=sys.stderr)

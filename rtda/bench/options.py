@@ -47,7 +47,8 @@ TABLES_OPTIONS = [
         help="which metrics.json result to tabulate (best = selected on val)"),
     opt("--plot", metavar="FILE.png", help="also draw mIoU against FPS"),
     opt("--plot-form", default="eager", metavar="FORM",
-        help="--plot: which timed form's FPS to draw (eager, deploy, onnxruntime, ..., or fastest)")]
+        help="--plot: which timed form's FPS to draw (eager, deploy, onnxruntime, ..., or fastest)"),
+    opt("--overwrite", action="store_true", help="--plot: replace FILE even if this project did not write it")]
 GPU_CHECK = [opt("--out", metavar="FILE.json", help="where the JSON goes (default: runs/gpu_check.json)"),
              opt("--tiny", action="store_true", help="tiny sizes, 1 step (with --device cpu: a smoke test of the "
                  "check itself)"),

@@ -24,12 +24,27 @@ from rtda.datasets.labels import CLASS_NAMES
 from rtda.datasets.loaders import val_loader
 from rtda.evaluation.inference import Inference, evaluate, load_models
 from rtda.evaluation.metrics import iou_table, metrics_from_confusion, save_confusion_plot
-from rtda.evaluation.predict import VIDEO_SUFFIXES, Predictor, is_video, predict_folder, predict_video
+from rtda.evaluation.predict import (
+    VIDEO_SUFFIXES,
+    Predictor,
+    folder_outputs,
+    is_video,
+    predict_folder,
+    predict_video,
+    video_output,
+)
 from rtda.evaluation.snapshots import run_checkpoints, score_run, snapshot_table
 from rtda.evaluation.visual import PREDICTION_FORMATS, prediction_image
 from rtda.models.export import ExportError
 from rtda.utils.distributed import close_distributed, init_distributed
-from rtda.utils.files import CheckpointError, atomic_write_text, output_folder_problem
+from rtda.utils.files import (
+    CheckpointError,
+    OverwriteError,
+    atomic_write_text,
+    check_overwrite,
+    output_folder_problem,
+    record_outputs,
+)
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 
@@ -60,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input-size", metavar="HxW|original", help="--images: the size the model sees "
                         "(default the config's data.val.size; `original` = each image's own size, e.g. with "
                         "eval.window); predictions are always written at the image's size")
+    parser.add_argument("--overwrite", action="store_true", help="--out: replace files this project did not "
+                        "write (files an earlier eval.py wrote there are replaced without it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     # `--checkpoint A B section.key=value` : argparse hands the trailing overrides to --checkpoint; take them back
@@ -87,7 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             problem = output_folder_problem(Path(folder))
             if problem:
                 parser.error(f"{flag} {folder}: {problem}")
+    if args.images and Path(args.images).is_dir() and _inside(Path(args.out), Path(args.images)):
+        # the outputs would be read back as inputs by the next run (and could replace an input)
+        parser.error(f"--out {args.out} is inside --images {args.images}: choose an --out outside the image folder")
     return args
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or below it (symlinks resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def main(argv=None) -> int:
@@ -102,7 +128,7 @@ def main(argv=None) -> int:
         if args.images:
             return _main_predict(args, cfg, inference)
         return _main_score(args, cfg, inference)
-    except (ConfigError, DatasetError, FileNotFoundError, CheckpointError, ExportError) as exc:
+    except (ConfigError, DatasetError, FileNotFoundError, CheckpointError, ExportError, OverwriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -129,13 +155,16 @@ def _main_score(args, cfg: Config, inference: Inference) -> int:
 def _main_checkpoints(args, cfg: Config, loader, dist, inference: Inference, header: str) -> int:
     """One column per --checkpoint with --each, else one for their ensemble; the table printed (and --out)."""
     groups = [[c] for c in args.checkpoint] if args.each else [args.checkpoint]
+    names = [run_name(g[0]) if len(g) == 1 else f"ensemble of {len(g)}" for g in groups]
+    if args.out:  # before the first model is loaded; on every rank, so that all of them stop
+        check_overwrite(args.out, ["iou_table.txt", "metrics.json", *_confusion_files(names).values()],
+                        args.overwrite)
     on_batch = _prediction_writer(Path(args.save_predictions), args.format) if args.save_predictions else None
     columns, confusions = {}, {}
-    for group in groups:
+    for group, name in zip(groups, names):
         models = load_models(cfg, group, dist.device)
         confusion = evaluate(models, loader, dist.device, cfg.model.num_classes, on_batch=on_batch,
                              inference=inference)
-        name = run_name(group[0]) if len(group) == 1 else f"ensemble of {len(group)}"
         columns[name], confusions[name] = metrics_from_confusion(confusion), confusion
     if dist.is_main:
         print(header)
@@ -165,14 +194,22 @@ def run_name(checkpoint: str) -> str:
     return f"{path.parent.parent.name}/{path.stem}" if path.parent.parent.name else path.stem
 
 
+def _confusion_files(names: list[str]) -> dict[str, str]:
+    """column name -> its confusion-matrix PNG's file name in --out."""
+    if len(names) == 1:
+        return {names[0]: "confusion.png"}
+    return {name: f"confusion_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png" for name in names}
+
+
 def _write_scores(out: Path, cfg: Config, header: str, table: str, columns: dict, confusions: dict,
                   inference: Inference) -> None:
-    """iou_table.txt, metrics.json and one row-normalised confusion-matrix PNG per column, in `out`."""
+    """iou_table.txt, metrics.json and one row-normalised confusion-matrix PNG per column, in `out`, each noted
+    in out/.rtda-outputs.jsonl (a later eval.py may replace them)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "iou_table.txt", header + "\n" + table + "\n")
     plots = {}
     for name, confusion in confusions.items():
-        file = "confusion.png" if len(confusions) == 1 else f"confusion_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png"
+        file = _confusion_files(list(confusions))[name]
         miou = columns[name]["mIoU"]
         save_confusion_plot(confusion, out / file, title=f"{name} on {cfg.name} val: mIoU "
                             f"{'-' if miou is None else f'{miou:.2f}'} (rows normalised, %)")
@@ -181,6 +218,7 @@ def _write_scores(out: Path, cfg: Config, header: str, table: str, columns: dict
         {"config_name": cfg.name, "label_size": cfg.eval.label_size, "inference": inference.describe(),
          "classes": list(CLASS_NAMES), "columns": columns, "confusion_plots": plots,
          "confusion": {name: c.cpu().tolist() for name, c in confusions.items()}}, indent=1))
+    record_outputs(out, ["iou_table.txt", "metrics.json", *plots.values()])
     print(f"wrote {out / 'iou_table.txt'}, {out / 'metrics.json'} and {', '.join(str(out / f) for f in plots.values())}")
 
 
@@ -221,6 +259,9 @@ def _main_predict(args, cfg: Config, inference: Inference) -> int:
         from rtda.models.export import parse_size
 
         input_size = parse_size(args.input_size, "--input-size")
+    # every output name checked before a model is loaded: no clash between inputs, no file the project did not write
+    files, outputs = folder_outputs(source) if source.is_dir() else (None, [video_output(source)])
+    check_overwrite(out, outputs, args.overwrite)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_models(cfg, args.checkpoint, device)
     predictor = Predictor(models, device, input_size, inference)
@@ -228,7 +269,7 @@ def _main_predict(args, cfg: Config, inference: Inference) -> int:
     print(f"{', '.join(map(str, args.checkpoint))} on {source} at {size_text} ({inference.describe()}), "
           f"device {device}", file=sys.stderr)
     if source.is_dir():
-        report = predict_folder(predictor, source, out, not args.no_progress)
+        report = predict_folder(predictor, source, out, not args.no_progress, files)
         print(report.summary("images"))
         print(f"colour maps (*_color.png) and overlays (*_overlay.png) in {out}")
     else:

@@ -2,7 +2,9 @@
 
 Outputs are at each image's own size: `<name>_color.png` and `<name>_overlay.png` per image (sub-folders
 mirrored), or `<stem>_overlay.mp4` for a video at its own frame rate. Unreadable images or frames are
-skipped and listed in the `PredictionReport`.
+skipped and listed in the `PredictionReport`. Outputs are named by the input's stem, so inputs that differ only
+in their suffix (`a.png`, `a.jpg`) are refused with one line listing them (`folder_outputs`) rather than
+writing one over the other; every written file is noted in `<out>/.rtda-outputs.jsonl` (`record_outputs`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from rtda.config import ConfigError
 from rtda.datasets.io import DatasetError
 from rtda.datasets.labels import colorize as colorize_hwc
 from rtda.evaluation.inference import Inference, predict_probs
+from rtda.utils.files import record_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".mjpeg")
@@ -83,15 +86,43 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def predict_folder(predictor: Predictor, folder: Path, out: Path, progress: bool = True) -> PredictionReport:
-    """Colour map and overlay PNGs for every image under `folder` (sub-folders mirrored under `out`)."""
+OUTPUT_KINDS = ("color", "overlay")
+
+
+def folder_outputs(folder: Path) -> tuple[list[Path], list[str]]:
+    """(the images under `folder`, every output name `predict_folder` writes for them, relative to --out).
+
+    DatasetError (one line) when there are no images, or when images differ only in their suffix (`a.png`,
+    `a.jpg`): both would write `a_color.png`, so the clash is listed instead of one prediction being lost.
+    """
+    files = list_images(folder)
+    if not files:
+        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
+    stems: dict[Path, list[Path]] = {}
+    for path in files:
+        stems.setdefault(path.relative_to(folder).with_suffix(""), []).append(path)
+    clashes = [paths for paths in stems.values() if len(paths) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(str(p.relative_to(folder)) for p in paths) for paths in clashes[:5])
+        raise DatasetError(f"{folder}: {len(clashes)} image name(s) differ only in their suffix and would write the "
+                           f"same {'/'.join(f'<name>_{k}.png' for k in OUTPUT_KINDS)}: {shown}"
+                           f"{'; ...' if len(clashes) > 5 else ''}; rename or move all but one of each")
+    return files, [_output_name(stem, kind) for stem in stems for kind in OUTPUT_KINDS]
+
+
+def _output_name(stem: Path, kind: str) -> str:
+    return stem.with_name(f"{stem.name}_{kind}.png").as_posix()
+
+
+def predict_folder(predictor: Predictor, folder: Path, out: Path, progress: bool = True,
+                   files: list[Path] | None = None) -> PredictionReport:
+    """Colour map and overlay PNGs for every image under `folder` (sub-folders mirrored under `out`), or for
+    `files` (from `folder_outputs`, which checks them); each image's two files are noted in out's manifest."""
     from tqdm import tqdm
 
     from rtda.datasets.io import read_image
 
-    files = list_images(folder)
-    if not files:
-        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
+    files = files if files is not None else folder_outputs(folder)[0]
     report = PredictionReport()
     start = time.perf_counter()
     for path in tqdm(files, desc="predicting", unit="image", disable=not progress, file=sys.stderr):
@@ -101,12 +132,13 @@ def predict_folder(predictor: Predictor, folder: Path, out: Path, progress: bool
             report.skipped.append(f"{path.relative_to(folder)} ({str(exc).split(': ', 1)[-1]})")
             continue
         pred = predictor(rgb)
-        stem = out / path.relative_to(folder).with_suffix("")
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        for kind, array in (("color", colorize_hwc(pred)), ("overlay", overlay(rgb, pred))):
-            target = stem.with_name(f"{stem.name}_{kind}.png")
-            Image.fromarray(array).save(target)
-            report.outputs.append(target)
+        stem = path.relative_to(folder).with_suffix("")
+        (out / stem).parent.mkdir(parents=True, exist_ok=True)
+        names = [_output_name(stem, kind) for kind in OUTPUT_KINDS]
+        for name, array in zip(names, (colorize_hwc(pred), overlay(rgb, pred))):
+            Image.fromarray(array).save(out / name)
+            report.outputs.append(out / name)
+        record_outputs(out, names)
         report.done += 1
     report.wall_s, report.model_s = time.perf_counter() - start, predictor.model_s
     return report
@@ -155,7 +187,7 @@ def predict_video(predictor: Predictor, path: Path, out: Path, progress: bool = 
     fps = fps if fps and math.isfinite(fps) and fps > 0 else 25.0
     announced = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{path.stem}_overlay.mp4"
+    target = out / video_output(path)
     writer, size = None, None
     report = PredictionReport()
     start = time.perf_counter()
@@ -183,8 +215,14 @@ def predict_video(predictor: Predictor, path: Path, out: Path, progress: bool = 
     if report.done == 0:
         raise DatasetError(f"{path}: no readable frame in this video")
     report.outputs.append(target)
+    record_outputs(out, [target.name])
     report.wall_s, report.model_s = time.perf_counter() - start, predictor.model_s
     return report
+
+
+def video_output(path: Path) -> str:
+    """The file name `predict_video` writes in --out for the video `path`."""
+    return f"{path.stem}_overlay.mp4"
 
 
 def is_video(path: Path) -> bool:

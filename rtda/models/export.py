@@ -10,7 +10,8 @@ normalisation inside, so it takes what the PyTorch models take: raw RGB pixels 0
 `image [B, 3, H, W]`, and returns `logits [B, C, H, W]` at the input size. Without `--dynamic` the input
 shape is fixed (batch 1, `--size`, default the config's `data.val.size`), which lets ONNX Runtime and
 TensorRT plan for it; `--dynamic` leaves batch, height and width free. The weights are inside the file (no
-side `.onnx.data` file); model, classes and input convention are in its metadata.
+side `.onnx.data` file); model, classes and input convention are in its metadata. An existing `--out` is
+replaced only if an earlier export wrote it (`.rtda-outputs.jsonl` beside it) or with `--overwrite`.
 
 Exporter: `auto` uses torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`): it needs no
 `onnxscript` and behaves the same on torch 2.4 to 2.14; `dynamo` is the
@@ -41,7 +42,7 @@ from torch import nn
 
 from rtda.config import ConfigError, load_config
 from rtda.models.base import align_corners_of
-from rtda.utils.files import CheckpointError, atomic_write
+from rtda.utils.files import CheckpointError, OverwriteError, atomic_write, check_overwrite, record_outputs
 
 DEFAULT_OPSET = 17  # the TorchScript exporter's; ONNX Runtime >= 1.14 and TensorRT >= 8.6 run it
 EXPORTERS = ("auto", "torchscript", "dynamo")
@@ -275,6 +276,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--exporter", default="auto", choices=EXPORTERS,
                         help="auto (TorchScript, falling back to dynamo), torchscript or dynamo")
     parser.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; dynamo: its own)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even if this project did not "
+                        "write it (a file an earlier export wrote is replaced without it)")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return parser.parse_args(argv)
 
@@ -283,7 +286,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return _export_cli(args)
-    except (ConfigError, ExportError, FileNotFoundError, CheckpointError) as exc:
+    except (ConfigError, ExportError, FileNotFoundError, CheckpointError, OverwriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -291,6 +294,8 @@ def main(argv=None) -> int:
 def _export_cli(args) -> int:
     from rtda.models import backbone_name, build_untrained, deploy, load_trained_weights
 
+    out = Path(args.out)
+    check_overwrite(out.parent, [out.name], args.overwrite)  # before anything is built or written
     cfg = load_config(args.config, args.overrides)
     width, height = cfg.data.val.size
     size = parse_size(args.size) if args.size else (height, width)
@@ -306,7 +311,6 @@ def _export_cli(args) -> int:
                 "iteration": checkpoint.get("iteration", ""), "checkpoint": Path(args.checkpoint).name,
                 "input": f"{INPUT_NAME}: float32 [B, 3, H, W], raw RGB pixels 0-255 (normalised inside)",
                 "output": f"{OUTPUT_NAME}: float32 [B, {cfg.model.num_classes}, H, W] at the input size"}
-    out = Path(args.out)
     staged = out.with_name(f".{out.name}.checking")
     try:
         info = export_onnx(deploy(model), staged, size, args.dynamic, args.exporter, args.opset, metadata)
@@ -331,6 +335,7 @@ def _export_cli(args) -> int:
             raise ExportError(f"{out}: not written, ONNX Runtime's argmax agrees with PyTorch on only "
                               f"{100 * worst:.3f}% of the pixels (need >= {100 * MIN_AGREEMENT:.1f}%)")
         os.replace(staged, out)
+        record_outputs(out.parent, [out.name])  # a later export may replace it without --overwrite
     finally:
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()

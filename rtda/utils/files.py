@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -73,6 +75,65 @@ def output_folder_problem(folder: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
     return None
+
+
+# ------------------------------------------------------------------------------------------ outputs
+OUTPUTS_MANIFEST = ".rtda-outputs.jsonl"  # beside a command's outputs: {"file": name, "sha256": ...} per line
+
+
+class OverwriteError(FileExistsError):
+    """An output would replace a file the project did not write; the message is one line naming it and --overwrite."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(root: Path) -> dict[str, str]:
+    """file name (relative to `root`, '/'-separated) -> sha256 of what a command last wrote there."""
+    written = {}
+    with contextlib.suppress(OSError):
+        for line in (root / OUTPUTS_MANIFEST).read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                entry = json.loads(line)
+                written[str(entry["file"])] = str(entry["sha256"])
+    return written
+
+
+def check_overwrite(root: str | Path, names, overwrite: bool = False) -> None:
+    """Refuse (OverwriteError) if an output `root/name` exists and is not what a command of this project wrote.
+
+    A file counts as the project's when `root/.rtda-outputs.jsonl` (see `record_outputs`) holds its name with its
+    current checksum: a file the user put there, or edited since, is never replaced unless `overwrite` (the
+    command's `--overwrite`). Call it before anything is written, with every name the command will write.
+    """
+    if overwrite:
+        return
+    root = Path(root)
+    written = _manifest(root)
+    foreign = [root / name for name in names if (root / name).is_file() and
+               written.get(Path(name).as_posix()) != _sha256(root / name)]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise OverwriteError(f"{foreign[0]}{more}: exists and was not written by this project (not in "
+                             f"{root / OUTPUTS_MANIFEST}); nothing was written: move it, choose another output, "
+                             "or pass --overwrite to replace it")
+
+
+def record_outputs(root: str | Path, names) -> None:
+    """Note the files `root/name` just written in `root/.rtda-outputs.jsonl`, so that a later run may replace them.
+
+    Appends one line per file (the last line of a name wins), so a run killed midway keeps what it noted.
+    """
+    root = Path(root)
+    lines = "".join(json.dumps({"file": Path(name).as_posix(), "sha256": _sha256(root / name)}) + "\n"
+                    for name in names)
+    with open(root / OUTPUTS_MANIFEST, "a", encoding="utf-8") as handle:
+        handle.write(lines)
 
 
 class CheckpointError(RuntimeError):
