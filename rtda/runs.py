@@ -240,3 +240,61 @@ def _alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_write's temporary: .<target>.<mkstemp's 8 chars>.tmp
+
+
+def leftover_temporaries(work_dir: Path, name: str) -> list[Path]:
+    """The temporary files that killed saves left in the run folders of `name` (`.last.pt.XXXXXXXX.tmp` and the
+    like, in a run folder or its snapshots/), where no writer can be saving now.
+
+    A save removes the temporaries of its own target, but a run killed during its first save is never resumed
+    (`--resume auto` starts a new run) and keeps its ~100 MB temporary otherwise. A folder whose run.lock names a
+    live process on this host, or any process on another host (its liveness cannot be checked), is skipped."""
+    found = []
+    for run in sorted(p for p in (Path(work_dir) / name).glob("*") if p.is_dir()):
+        if _may_be_writing(run):
+            continue
+        for folder in (run, run / SNAPSHOTS):
+            found += sorted(p for p in folder.glob(".*.tmp") if TEMPORARY.match(p.name) and p.is_file())
+    return found
+
+
+def remove_leftover_temporaries(work_dir: Path, name: str) -> str | None:
+    """Delete `leftover_temporaries(work_dir, name)`; a one-line note naming them and the space freed, or None."""
+    removed, freed = [], 0
+    for path in leftover_temporaries(work_dir, name):
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:  # gone meanwhile, or not ours to delete: left as it is
+            continue
+        removed.append(str(path))
+        freed += size
+    if not removed:
+        return None
+    shown = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+    return (f"note: removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left by killed saves "
+            f"({freed / 2**20:.1f} MiB): {shown}")
+
+
+def _may_be_writing(run_dir: Path) -> bool:
+    """Whether a process may be writing `run_dir` now, from its run.lock's holder (read only: never locked here,
+    so a writer starting at this moment is not refused). No lock file, an empty one (released) or a holder
+    whose pid is gone on this host: no."""
+    try:
+        text = (run_dir / LOCK).read_text()
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError):
+        return True
+    if not text.strip():
+        return False
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return True  # a holder writing its details at this moment
+    if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
+        return True
+    return _alive(holder.get("pid"))

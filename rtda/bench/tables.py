@@ -30,6 +30,7 @@ class Run:
     cfg: Config
     benchmark: dict | None  # RUN/benchmark.json, when one was left there
     resume_changes: list[dict] = field(default_factory=list)  # RUN/resume_log.jsonl: changes applied on resume
+    duplicates: list[Path] = field(default_factory=list)  # older runs of its config and seed, not counted (group_runs)
 
     @property
     def synthetic(self) -> bool:
@@ -130,6 +131,12 @@ def _resume_notes(groups: list[list[Run]]) -> list[str]:
     return notes
 
 
+def _duplicate_notes(groups: list[list[Run]]) -> list[str]:
+    """One note per seed that ran more than once in a row's config: which run counts, which are left out."""
+    return [f"seed {run.cfg.seed} of one configuration ran {len(run.duplicates) + 1} times: {run.path} (the newest) "
+            f"counts, not {', '.join(map(str, run.duplicates))}" for g in groups for run in g if run.duplicates]
+
+
 def source_domain(cfg: Config) -> str:
     """What the model was trained on: `cityscapes` or `gta5` (a synthetic domain counts as the one it mimics)."""
     src = cfg.data.source
@@ -162,14 +169,37 @@ def tables_of(run: Run) -> list[str]:
 
 
 def group_runs(runs: list[Run]) -> list[list[Run]]:
-    """Runs of the same config (up to the seed and bookkeeping keys) and data kind, in first-seen order."""
+    """Runs of the same config (up to the seed and bookkeeping keys) and data kind, in first-seen order, with one
+    run per seed: a seed run twice is one sample, not two, so of the runs of one config and seed only the newest
+    (metrics.json written last) counts and lists the others in its `duplicates` (named in a note by the tables)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         flat = flatten(dataclasses.asdict(run.cfg))
         key = json.dumps({k: v for k, v in flat.items() if k not in NOT_RESULT_KEYS} | {"_synthetic": run.synthetic},
                          sort_keys=True)
         groups.setdefault(key, []).append(run)
-    return list(groups.values())
+    return [_one_run_per_seed(group) for group in groups.values()]
+
+
+def _one_run_per_seed(group: list[Run]) -> list[Run]:
+    """The newest run of each seed of a group, seeds in first-seen order; each keeps the older ones' paths."""
+    by_seed: dict[int, list[Run]] = {}
+    for run in group:
+        by_seed.setdefault(run.cfg.seed, []).append(run)
+    kept = []
+    for same in by_seed.values():
+        *older, newest = sorted(same, key=_finished_at)
+        newest.duplicates = [run.path for run in older]
+        kept.append(newest)
+    return kept
+
+
+def _finished_at(run: Run) -> tuple[int, str]:
+    """When a run's metrics.json was written (its modification time; the path breaks ties)."""
+    try:
+        return (run.path / "metrics.json").stat().st_mtime_ns, str(run.path)
+    except OSError:
+        return 0, str(run.path)
 
 
 def distinguish(labels: list[str], groups: list[list[Run]]) -> list[str]:
@@ -242,10 +272,10 @@ def build_tables(runs: list[Run], which: str = "all", metric: str = "final",
                     if model_groups:
                         tables.append(_complexity_table(key, number, model_name, model_groups, usable, cache,
                                                         metric, synthetic, problems))
-                        tables[-1].notes += _resume_notes(model_groups)
+                        tables[-1].notes += _resume_notes(model_groups) + _duplicate_notes(model_groups)
             else:
                 tables.append(_class_table(key, groups, classes, metric, synthetic))
-                tables[-1].notes += _resume_notes(groups)
+                tables[-1].notes += _resume_notes(groups) + _duplicate_notes(groups)
     return tables
 
 

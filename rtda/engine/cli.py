@@ -1,7 +1,8 @@
 """train.py's command line: parse the flags, train, turn the library's errors into one line and an exit code.
 
 Exit codes: 0 done, 1 an error (printed as `error: ...`), 128 + signal number when SIGINT/SIGTERM stopped the
-run after saving last.pt (130 / 143: a scheduler may requeue the job).
+run after saving last.pt (130 / 143: a scheduler may requeue the job); 130 also for a second Ctrl-C, which stops
+at once without saving (one line, no traceback).
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, CheckpointError, TrainingDiverged, RunLockError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: no save now; every checkpoint written before is whole
+        print("interrupted by a second Ctrl-C without saving; checkpoints written before are intact (--resume auto "
+              "continues from the last one)", file=sys.stderr)
+        return 130
     finally:
         close_distributed()
     return 128 + stop.signum if stop.signum else 0  # 130 / 143: a scheduler may requeue the job

@@ -27,7 +27,7 @@ from rtda.engine.monitor import LossMeter, StopRequest
 from rtda.engine.resume import ResumePoint, find_resume_path, lock_run, open_run, read_resume_point
 from rtda.engine.runlog import RunLog, Validator
 from rtda.engine.setup import Data, Progress, TrainState, build_data, build_parts, check_combinations
-from rtda.runs import check_run_name
+from rtda.runs import check_run_name, remove_leftover_temporaries
 from rtda.utils.distributed import Distributed, init_distributed
 from rtda.utils.files import output_folder_problem
 from rtda.utils.seed import seed_everything
@@ -44,7 +44,8 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None,
     Everything that can be checked is checked before anything is written: a run that fails before its first
     step leaves no run folder, and a resume touches nothing of the run it names until its state has loaded.
     The run folder's lock (`lock_run`) is held from the moment it is opened to the return, whatever the way out:
-    RunLockError when another live process trains it.
+    RunLockError when another live process trains it. Temporaries that killed saves left in this config's run
+    folders (`runs.leftover_temporaries`) are removed, with a note.
     `stop` receives SIGINT/SIGTERM (the CLI reads which one stopped the run from it).
     """
     check_run_name(cfg.name)
@@ -64,6 +65,9 @@ def train(cfg: Config, work_dir: str | Path = "runs", resume: str | None = None,
             point = read_resume_point(resume_path, dist)
             point.check(cfg, apply_changes)
         check_writable(work_dir, "--work-dir")
+        note = remove_leftover_temporaries(work_dir, cfg.name) if dist.is_main else None  # of runs killed in a save
+        if note:
+            print(note, flush=True)
         run_dir, progress = open_run(cfg, work_dir, point, parts, dist)
         return run_training(cfg, run_dir, progress, point, data, parts, stop or StopRequest(), dist, held)
 

@@ -86,6 +86,25 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+# EXIF orientation tag (0x0112) -> the PIL transpose that shows the image upright (as PIL.ImageOps.exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def displayed(rgb: np.ndarray, path: Path) -> np.ndarray:
+    """The pixels `rgb` decoded from `path`, turned as viewers show them: phones store photos sideways with an EXIF
+    orientation tag, and a model fed the stored pixels predicts sideways. No tag, or an unreadable one: unchanged."""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 -- the pixels decoded; a broken EXIF block only loses the orientation
+        return rgb
+    if orientation not in _UPRIGHT:
+        return rgb
+    return np.array(Image.fromarray(rgb).transpose(_UPRIGHT[orientation]))  # a writable copy
+
+
 OUTPUT_KINDS = ("color", "overlay")
 
 
@@ -127,7 +146,7 @@ def predict_folder(predictor: Predictor, folder: Path, out: Path, progress: bool
     start = time.perf_counter()
     for path in tqdm(files, desc="predicting", unit="image", disable=not progress, file=sys.stderr):
         try:
-            rgb = read_image(path).permute(1, 2, 0).numpy()
+            rgb = displayed(read_image(path).permute(1, 2, 0).numpy(), path)
         except DatasetError as exc:
             report.skipped.append(f"{path.relative_to(folder)} ({str(exc).split(': ', 1)[-1]})")
             continue

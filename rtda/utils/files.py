@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ def atomic_write(path: str | Path, write, mode: str = "wb", remove_stale: bool =
     over `path`; the folder is created if missing. Any failure (an exception from `write`, a full disk, a crash)
     leaves the previous file at `path` untouched and no temporary file behind. `remove_stale`: first delete the
     temporaries a killed writer of `path` left; pass False where several processes may write `path` at once.
+    The file gets the permissions of any file the process creates (0o666 less the umask), not mkstemp's 0o600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +32,8 @@ def atomic_write(path: str | Path, write, mode: str = "wb", remove_stale: bool =
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as handle:
+            with contextlib.suppress(OSError):  # team-mates on a shared file system read it (where chmod works)
+                os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -45,6 +50,21 @@ def atomic_write(path: str | Path, write, mode: str = "wb", remove_stale: bool =
             os.close(dir_fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (`os.umask` sets it to read it, which
+    for a moment would let another thread create files with no mask at all)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """`atomic_write` of a text file (UTF-8): readers see the old file or the whole new one, never a part."""
     atomic_write(path, lambda handle: handle.write(text.encode()))
@@ -53,16 +73,47 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write `state` with `atomic_write`: a crash or a full disk at any point leaves the previous file at `path`
     untouched. A failed write raises CheckpointError naming the free space and whether an earlier file is kept.
+    A KeyboardInterrupt during the write (a second Ctrl-C) stays a KeyboardInterrupt, the previous file kept: torch's
+    zip writer turns an exception raised inside its write callback into a RuntimeError, which is not a disk fault.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        atomic_write(path, lambda handle: torch.save(state, handle))
+        with _interrupts_recorded() as interrupted:
+            atomic_write(path, lambda handle: torch.save(state, handle))
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
+        if interrupted:
+            raise KeyboardInterrupt from None
         free = shutil.disk_usage(path.parent).free
         kept = f"the previous {path.name} is untouched" if path.exists() else "no earlier one was written"
         raise CheckpointError(f"{path}: could not write the checkpoint ({exc}); {free / 2**20:.0f} MiB free in "
                               f"{path.parent}; {kept}") from exc
+
+
+@contextlib.contextmanager
+def _interrupts_recorded():
+    """Within the block, a KeyboardInterrupt raised by the SIGINT handler is also appended to the yielded list.
+
+    The handler in place (Python's default, or a trainer's StopRequest whose second Ctrl-C interrupts) still
+    decides; a handler that is not a Python function, or a thread other than the main one, records nothing."""
+    seen: list[KeyboardInterrupt] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield seen
+        return
+
+    def record(signum, frame):
+        try:
+            previous(signum, frame)
+        except KeyboardInterrupt as exc:
+            seen.append(exc)
+            raise
+
+    signal.signal(signal.SIGINT, record)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def output_folder_problem(folder: Path) -> str | None:
