@@ -29,7 +29,7 @@ from rtda.evaluation.snapshots import run_checkpoints, score_run, snapshot_table
 from rtda.evaluation.visual import PREDICTION_FORMATS, prediction_image
 from rtda.models.export import ExportError
 from rtda.utils.distributed import close_distributed, init_distributed
-from rtda.utils.files import CheckpointError, atomic_write_text, output_folder_problem
+from rtda.utils.files import CheckpointError, atomic_write_text, os_error_line, output_folder_problem
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 
@@ -105,6 +105,12 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError, FileNotFoundError, CheckpointError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk or an output folder made read-only while predicting
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("eval.py: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     finally:
         close_distributed()
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from rtda.config import ConfigError, load_config
 from rtda.models.base import align_corners_of
-from rtda.utils.files import CheckpointError, atomic_write
+from rtda.utils.files import CheckpointError, atomic_write, os_error_line
 
 DEFAULT_OPSET = 17  # the TorchScript exporter's; ONNX Runtime >= 1.14 and TensorRT >= 8.6 run it
 EXPORTERS = ("auto", "torchscript", "dynamo")
@@ -285,6 +285,9 @@ def main(argv=None) -> int:
         return _export_cli(args)
     except (ConfigError, ExportError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out under a file, in a read-only folder, or a full disk (its staged file is removed)
+        print(f"error: --out {args.out}: {os_error_line(exc)}", file=sys.stderr)
         return 1
 
 
