@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 1
     finally:
-        close_distributed(stopped=stop.signum is not None)
+        close_distributed(stopped=stop.joint)  # not a signal that reached one rank after the loop
     return 128 + stop.signum if stop.signum else 0  # 130 / 143: a scheduler may requeue the job
 
 

@@ -82,6 +82,7 @@ class StopRequest:
         self._previous = {}
         self._depth = 0
         self._vote = None  # under DDP: the all_reduce in flight and its tensor (see `agreed`)
+        self.joint = False  # under DDP: every rank agreed to stop (so every rank leaves through the same path)
 
     def request(self, reason: str) -> None:
         self.requested, self.reason = True, self.reason or reason
@@ -124,7 +125,7 @@ class StopRequest:
         stop = votes is not None and bool(votes.any())
         if stop:
             reason = self._VOTES[int(votes.nonzero()[0])]
-            self.requested, self.reason = True, reason
+            self.requested, self.reason, self.joint = True, reason, True
             self.signum = int(getattr(signal, reason)) if reason != "wall time" else None
         elif not final:
             mine = torch.tensor([self.signum == signal.SIGTERM, self.signum == signal.SIGINT,
