@@ -183,3 +183,39 @@ def test_two_processes_with_gloo(synthetic_root, tmp_path):
     assert metrics["iterations"] == 2
     state = load_checkpoint(run_dir / "last.pt")
     assert len(state["rng"]) == 2  # both ranks' RNG states
+
+
+TERM_RANK_1 = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from rtda import adapt, engine
+original = adapt.SourceOnly.training_step
+def step(self, model, source, target, ctx):
+    if ctx.iteration == 3 and os.environ["RANK"] == "1":  # a SIGTERM to one rank mid-run (SLURM's, or a kill)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, model, source, target, ctx)
+adapt.SourceOnly.training_step = step
+sys.exit(engine.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_to_one_rank_stops_every_rank_an_iteration_later(synthetic_root, tmp_path):
+    # log_interval and checkpoint_interval far beyond the run: the stop must not wait for either
+    overrides = tiny_overrides(synthetic_root, **{"train.iters": 40, "train.batch_size": 4, "train.log_interval": 100,
+                                                  "train.checkpoint_interval": 100, "train.eval_interval": 100})
+    script = tmp_path / "term_rank_1.py"
+    script.write_text(TERM_RANK_1.format(repo=str(REPO)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), "--config", str(SOURCE_ONLY), *overrides, "--work-dir",
+                             str(tmp_path / "runs")], cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    # both ranks exited 143, neither with a traceback (torchrun's failure report lists each rank's exit code, under
+    # the one traceback torchrun prints itself, of its ChildFailedError)
+    assert re.findall(r"exitcode\s+: (-?\d+)", output) == ["143", "143"], output[-3000:]
+    assert output.count("Traceback") == 1 and "ChildFailedError" in output
+    (run_dir,) = (tmp_path / "runs").glob("gta5_bisenet/*")
+    assert "stopped at iteration 5;" in output  # requested during iteration 4, agreed after iteration 5
+    assert load_checkpoint(run_dir / "last.pt")["iteration"] == 5
+    assert not (run_dir / "metrics.json").exists()

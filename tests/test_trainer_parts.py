@@ -77,9 +77,9 @@ def test_parts_round_trip_through_the_checkpointer(tmp_path):
 
 def test_stop_request_without_ddp_is_the_flag_itself():
     stop = train.StopRequest()
-    assert not stop.agreed(False, Distributed())
+    assert not stop.agreed(Distributed())
     stop.requested = True
-    assert stop.agreed(False, Distributed())
+    assert stop.agreed(Distributed())
 
 
 def test_step_cost_runs_from_benchmark_py(capsys):

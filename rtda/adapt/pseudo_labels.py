@@ -17,6 +17,7 @@ import torch
 from rtda.config import Config, ConfigError, load_config
 from rtda.datasets.labels import IGNORE_INDEX
 from rtda.utils.distributed import Distributed
+from rtda.utils.files import os_error_line, output_folder_problem
 
 OLD_COMMAND = "pseudo-labels"  # `python adapt.py pseudo-labels ...`, the spelling before rtda/
 
@@ -133,9 +134,15 @@ def main(argv=None) -> int:
         for path in args.checkpoint:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--checkpoint {path}: file not found")
+        problem = output_folder_problem(Path(args.out))  # before the two passes over the target set
+        if problem:
+            raise ConfigError(f"--out {args.out}: {problem}")
         write_pseudo_labels(cfg, args.checkpoint, args.out)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, or --out made read-only meanwhile
+        print(f"error: --out {args.out}: {os_error_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -31,7 +31,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     bases = raw.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
-    if not isinstance(bases, list):
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
         raise ConfigError(f"{path}: `_base_` must be a list of YAML paths, got {bases!r}")
     for base in bases:
         base_path = (path.parent / base).resolve()
@@ -144,7 +144,13 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        loader = _StrictLoader(path.read_text())
+        text = path.read_text(encoding="utf-8")  # whatever the locale: configs are shared between machines
+    except UnicodeDecodeError as exc:
+        bom = " (a UTF-16 byte-order mark)" if path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}{bom}; "
+                          "expected a UTF-8 file (re-save it as UTF-8)") from None
+    try:
+        loader = _StrictLoader(text)
         loader.name = str(path)
         try:
             data = loader.get_single_data()

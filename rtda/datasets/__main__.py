@@ -37,6 +37,7 @@ from rtda.datasets.inspect import (
     print_roles,
 )
 from rtda.datasets.io import PYSPNG_HINT, has_pyspng
+from rtda.utils.files import os_error_line
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -117,6 +118,10 @@ def main_prepare(argv: list[str]) -> int:
         return 130
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, or a cache folder that is a file, under a file or read-only
+        print(f"error: {os_error_line(exc)} (complete cache entries are kept; the next prepare carries on with the "
+              "rest)", file=sys.stderr)
         return 1
     return 0
 

@@ -16,7 +16,7 @@ from rtda.engine.monitor import StopRequest, TrainingDiverged
 from rtda.engine.trainer import train
 from rtda.runs import RunLockError
 from rtda.utils.distributed import close_distributed
-from rtda.utils.files import CheckpointError
+from rtda.utils.files import CheckpointError, os_error_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,8 +48,11 @@ def main(argv=None) -> int:
         print("interrupted by a second Ctrl-C without saving; checkpoints written before are intact (--resume auto "
               "continues from the last one)", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk or an unwritable path when the run folder is made (nothing is left)
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     finally:
-        close_distributed()
+        close_distributed(stopped=stop.joint)  # not a signal that reached one rank after the loop
     return 128 + stop.signum if stop.signum else 0  # 130 / 143: a scheduler may requeue the job
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rtda.config import Config
-from rtda.utils.distributed import Distributed, all_reduce_sum
+from rtda.utils.distributed import Distributed, all_reduce_sum, host_group
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,6 +81,8 @@ class StopRequest:
         self.signum: int | None = None
         self._previous = {}
         self._depth = 0
+        self._vote = None  # under DDP: the all_reduce in flight and its tensor (see `agreed`)
+        self.joint = False  # under DDP: every rank agreed to stop (so every rank leaves through the same path)
 
     def request(self, reason: str) -> None:
         self.requested, self.reason = True, self.reason or reason
@@ -99,14 +101,37 @@ class StopRequest:
         self.signum = self.signum or signum
         self.request(signal.Signals(signum).name)
 
-    def agreed(self, at_sync_point: bool, dist: Distributed) -> bool:
-        """Whether to stop now. Ranks must agree, so under DDP they compare notes at sync points only."""
+    # What each rank votes, in the order that decides which one names a joint stop (SIGTERM before SIGINT).
+    _VOTES = ("SIGTERM", "SIGINT", "wall time")
+
+    def agreed(self, dist: Distributed, final: bool = False) -> bool:
+        """Whether to stop now; call it after every iteration, on every rank (under DDP a collective).
+
+        One process: the flag itself. Under DDP ranks must stop at the same iteration, so they vote: each call
+        waits for the vote started by the previous call (a non-blocking all_reduce of three integers over a gloo
+        group, `host_group`: host memory, so nothing waits for the device) and starts the next one. A request
+        made during iteration i therefore stops every rank after iteration i + 1, and the vote in flight costs the
+        loop only the wait for the slowest rank's host to reach the previous iteration. A joint stop takes the
+        reason (and `signum`, hence the exit code) of the highest-priority request, on every rank. `final` (the
+        last iteration): settle the vote in flight and start none.
+        """
         if not dist.enabled:
             return self.requested
-        if not at_sync_point:
-            return False
-        flag = torch.tensor([float(self.requested)], device=dist.device)
-        return bool(all_reduce_sum(flag) > 0)
+        votes = None
+        if self._vote is not None:
+            work, votes = self._vote
+            work.wait()
+            self._vote = None
+        stop = votes is not None and bool(votes.any())
+        if stop:
+            reason = self._VOTES[int(votes.nonzero()[0])]
+            self.requested, self.reason, self.joint = True, reason, True
+            self.signum = int(getattr(signal, reason)) if reason != "wall time" else None
+        elif not final:
+            mine = torch.tensor([self.signum == signal.SIGTERM, self.signum == signal.SIGINT,
+                                 self.requested and self.reason == "wall time"], dtype=torch.int64)
+            self._vote = (torch.distributed.all_reduce(mine, group=host_group(), async_op=True), mine)
+        return stop
 
     def __exit__(self, *exc):
         self._depth -= 1

@@ -132,7 +132,7 @@ def train_loop(cfg: Config, parts: TrainState, batches, progress: Progress, vali
         at_end = iteration == max_iters
         if wall_limit is not None and time.perf_counter() - progress.started >= wall_limit:
             stop.request("wall time")  # a host-side clock read: no device sync
-        stop_now = stop.agreed(iteration % t.log_interval == 0 or at_end, dist)
+        stop_now = stop.agreed(dist, final=at_end)  # under DDP: every rank, one iteration after the request
         if iteration % t.log_interval == 0 or at_end or stop_now:
             guard.check(iteration)
             log.losses(iteration, losses_seen.pop_means(), parts.optimizer)

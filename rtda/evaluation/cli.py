@@ -42,6 +42,7 @@ from rtda.utils.files import (
     OverwriteError,
     atomic_write_text,
     check_overwrite,
+    os_error_line,
     output_folder_problem,
     record_outputs,
 )
@@ -131,6 +132,12 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError, FileNotFoundError, CheckpointError, ExportError, OverwriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk or an output folder made read-only while predicting
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("eval.py: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     finally:
         close_distributed()
 

@@ -42,7 +42,14 @@ from torch import nn
 
 from rtda.config import ConfigError, load_config
 from rtda.models.base import align_corners_of
-from rtda.utils.files import CheckpointError, OverwriteError, atomic_write, check_overwrite, record_outputs
+from rtda.utils.files import (
+    CheckpointError,
+    OverwriteError,
+    atomic_write,
+    check_overwrite,
+    os_error_line,
+    record_outputs,
+)
 
 DEFAULT_OPSET = 17  # the TorchScript exporter's; ONNX Runtime >= 1.14 and TensorRT >= 8.6 run it
 EXPORTERS = ("auto", "torchscript", "dynamo")
@@ -288,6 +295,9 @@ def main(argv=None) -> int:
         return _export_cli(args)
     except (ConfigError, ExportError, FileNotFoundError, CheckpointError, OverwriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out under a file, in a read-only folder, or a full disk (its staged file is removed)
+        print(f"error: --out {args.out}: {os_error_line(exc)}", file=sys.stderr)
         return 1
 
 

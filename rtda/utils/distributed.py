@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,31 @@ def init_distributed() -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def close_distributed() -> None:
+_HOST_GROUP = None
+
+
+def host_group():
+    """A gloo group over the same processes, for small host-side votes (the stop flag) that must never wait for,
+    or queue behind, the device's collectives. Created on first use: every rank must make that first call."""
+    global _HOST_GROUP
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def close_distributed(stopped: bool = False) -> None:
+    """Leave the process group. `stopped` (a stop every rank agreed on, last.pt saved): the ranks first wait for
+    each other, so that none exits while rank 0 still writes, and a SIGTERM is ignored from then on: torchrun
+    sends one to the ranks still running when the first exits, and it would turn their exit code 143 into a
+    death by signal, although they are about to exit by themselves."""
+    global _HOST_GROUP
+    if stopped and dist.is_initialized() and dist.get_world_size() > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            dist.barrier(group=host_group())
+        except RuntimeError:  # a rank that died instead: nothing to wait for
+            pass
+    _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

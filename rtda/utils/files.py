@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -120,6 +121,8 @@ def output_folder_problem(folder: Path) -> str | None:
     """Why `folder` cannot receive outputs (a file where it or a parent should be, no write permission), or None."""
     existing = Path(folder)
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # os.stat fails on it: a loop, or a link to nothing
+            return f"{existing} is a symbolic link that cannot be followed (a loop or a missing target)"
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is a file, expected a folder (nothing was written)"
@@ -185,6 +188,21 @@ def record_outputs(root: str | Path, names) -> None:
                     for name in names)
     with open(root / OUTPUTS_MANIFEST, "a", encoding="utf-8") as handle:
         handle.write(lines)
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as the one line a command prints: the path(s), the system's words, and for a full disk the free
+    space (a command's entry point catches what its own checks could not foresee: a disk that fills, a folder made
+    read-only or replaced by a file, a symlink loop)."""
+    paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    words = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        with contextlib.suppress(OSError):
+            folder = Path(exc.filename).parent if exc.filename else Path.cwd()
+            while not folder.is_dir() and folder != folder.parent:  # a new run folder is already removed
+                folder = folder.parent
+            words += f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free in {folder})"
+    return f"{paths}: {words}" if paths else words
 
 
 class CheckpointError(RuntimeError):

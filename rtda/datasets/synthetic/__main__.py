@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rtda.config import ConfigError, SyntheticConfig
 from rtda.datasets.synthetic.tree import check_out, generate, manifest_of, validate
+from rtda.utils.files import os_error_line
 
 DESCRIPTION = ("Synthetic two-domain street scenes: a game-like *source* (GTA5 layout) and a camera-like *target*\n"
                "(Cityscapes layout), so that every data path runs on a machine without the real data sets.")
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         check_out(Path(args.out), manifest_of(cfg, args.photo_like))
     except ConfigError as exc:
         parser.error(str(exc))
-    print(generate(args.out, cfg, progress=True, photo=args.photo_like))
+    try:
+        print(generate(args.out, cfg, progress=True, photo=args.photo_like))
+    except OSError as exc:  # a full disk, or --out made read-only meanwhile: rerun with the same settings to finish
+        sys.exit(f"{parser.prog}: error: {os_error_line(exc)} (rerun with the same settings to finish the tree)")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from PIL import Image
 
 from rtda.config import ConfigError, SyntheticConfig
 from rtda.datasets.synthetic.render import photo_like, render_scene
+from rtda.utils.files import output_folder_problem
 
 # The palette of the real GTA5 label PNGs: label id -> Cityscapes colour.
 LABEL_PALETTE = [0] * 768
@@ -91,6 +92,9 @@ def check_out(out: Path, wanted: dict) -> None:
     """Refuse to write into anything but a new or empty folder or a synthetic tree of the same settings."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, expected a folder (new, empty, or a synthetic tree)")
+    problem = output_folder_problem(out)  # under a file, read-only, a symlink loop
+    if problem:
+        raise ConfigError(f"--out {out}: {problem}")
     if not out.is_dir() or not any(out.iterdir()):
         return
     manifest = out / MANIFEST
@@ -169,6 +173,9 @@ def ensure_generated(root: str | Path, cfg: SyntheticConfig) -> Path:
     """
     validate(cfg)
     root = Path(root)
+    if root.is_symlink() and not root.exists():
+        raise ConfigError(f"{root}: a symbolic link that cannot be followed (a loop or a missing target); expected "
+                          "the synthetic data folder, or a path where it can be generated")
     if not root.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
         with open(root.parent / f".{root.name}.lock", "w") as lock:
@@ -178,8 +185,12 @@ def ensure_generated(root: str | Path, cfg: SyntheticConfig) -> Path:
                     shutil.rmtree(stale, ignore_errors=True)
                 tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
                 print(f"generating synthetic domains in {root} ...", file=sys.stderr)
-                generate(tmp, cfg, progress=True)
-                os.rename(tmp, root)
+                try:
+                    generate(tmp, cfg, progress=True)
+                    os.rename(tmp, root)
+                except BaseException:  # a full disk, Ctrl-C: no half-written tree is left behind
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
     manifest = root / MANIFEST
     if not manifest.is_file():
         raise ConfigError(f"{root}: exists but has no {MANIFEST}; not a synthetic data root "
