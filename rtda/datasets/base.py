@@ -155,13 +155,16 @@ class ImageLabelDataset(Dataset):
         return image, label, off
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The image and label of item `index` before augmentation: from the cache where prepared, else the files."""
+        """The image and label of item `index` before augmentation: from the cache where prepared (and the item's
+        checksum holds), else the files."""
         image = label = None
         if self._image_entry is not None:
+            cached = self._image_entry.read(index)  # None: its bytes fail their checksum (warned), read the file
             # HWC in the cache; the channels-last view is the layout the uncached path hands to the augmentations
-            image = torch.from_numpy(self._image_entry.read(index)).permute(2, 0, 1)
+            image = None if cached is None else torch.from_numpy(cached).permute(2, 0, 1)
         if self.labels is not None and self._label_entry is not None:
-            label = torch.from_numpy(self._label_entry.read(index))
+            cached = self._label_entry.read(index)
+            label = None if cached is None else torch.from_numpy(cached)
         need_label = self.labels is not None and label is None
         if image is None or need_label:
             fresh_image, fresh_label, off = self.load_uncached(index, image=image is None, label=need_label)
