@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,8 +19,7 @@ import pytest
 import torch
 
 import rtda.datasets.__main__ as cli
-from rtda.datasets import CityscapesDataset, GTA5Dataset
-from rtda.datasets.cache import prepare_dataset
+from rtda.datasets import GTA5Dataset
 
 from conftest import HEIGHT, WIDTH, save_png, write_cityscapes_form, write_gta5_form
 
@@ -49,7 +49,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
         if isinstance(exc.code, str):
-            print(exc.code, file=__import__("sys").stderr)
+            print(exc.code, file=sys.stderr)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

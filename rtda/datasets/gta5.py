@@ -18,7 +18,6 @@ from pathlib import Path
 from rtda.datasets.base import ImageLabelDataset, check_label_sizes, shown
 from rtda.datasets.io import DatasetError
 
-
 FORMS = {
     "label_ids": "GTA5 official: labels/NNNNN.png hold Cityscapes label ids (palettised PNGs)",
     "color": "GTA5 colour labels: labels/NNNNN.png are RGB in the Cityscapes palette (the course subset)",
