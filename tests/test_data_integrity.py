@@ -104,7 +104,7 @@ def test_a_val_label_of_another_size_is_an_error_when_scored_at_full_size(tmp_pa
         f"error: Cityscapes '{cs}' (split 'val'): 1 of 2 label maps differ in size from their image "
         "(frankfurt_000000_000019_gtFine_labelIds.png): expected each label at its image's size, as they are scored "
         "at their stored size (eval.label_size: full); re-extract the labels, or score at the training size with "
-        "eval.label_size=resized"]
+        "eval.label_size=protocol"]
     # resized to the training size, image and label meet: the same rule as GTA5, one counted warning
     with pytest.warns(UserWarning, match=r"split 'val'\): 1 of 2 label maps differ in size .* resizing those labels"):
         code, _, _ = run_cli(["--config", str(path), "eval.label_size=protocol", "--max-images", "1"], capsys)

@@ -305,7 +305,7 @@ def check_label_sizes(images: list[Path], labels: list[Path], what: str, full_la
 
     Scored at their stored size (`full_labels`, eval.label_size: full) such a label cannot be matched to its
     prediction pixel for pixel: a DatasetError with the count and the first names. Resized to `size` (training,
-    eval.label_size: resized) image and label meet at one size: the labels are resized (nearest) and counted in
+    eval.label_size: protocol) image and label meet at one size: the labels are resized (nearest) and counted in
     one warning per set and process, as a few real GTA5 frames need."""
     mismatched = [label.name for image, label in zip(images, labels) if png_header(image).size != png_header(label).size]
     if not mismatched:
@@ -314,7 +314,7 @@ def check_label_sizes(images: list[Path], labels: list[Path], what: str, full_la
     if full_labels:
         raise DatasetError(f"{what}: {count}: expected each label at its image's size, as they are scored at their "
                            "stored size (eval.label_size: full); re-extract the labels, or score at the training size "
-                           "with eval.label_size=resized")
+                           "with eval.label_size=protocol")
     if what not in _size_warned:
         _size_warned.add(what)
         warnings.warn(f"{what}: {count}; resizing those labels with nearest", stacklevel=3)
