@@ -21,11 +21,11 @@ import torch
 import rtda.datasets.__main__ as cli
 from rtda.datasets import GTA5Dataset
 
-from conftest import HEIGHT, WIDTH, save_png, write_cityscapes_form, write_gta5_form
+from conftest import HEIGHT, WIDTH, save_png, tiny_overrides, write_cityscapes_form, write_gta5_form
 
 SIZE = [WIDTH // 2, HEIGHT // 2]
-# the target role is not prepared without adaptation: that warning is expected here
-pytestmark = pytest.mark.filterwarnings("ignore:.*images cache for these files and settings is not prepared:UserWarning")
+# roles left unprepared (the target without adaptation) say so: expected here
+pytestmark = pytest.mark.filterwarnings("ignore:.*cache for these files and settings is not prepared:UserWarning")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -196,3 +196,29 @@ def test_a_format_1_entry_is_named_and_not_read(tmp_path, capsys):
     assert ds.cached == {"images": False, "labels": True}
     assert [f"{old.name} was written by an earlier version without checksums and is not read" in str(r.message)
             for r in record] == [True]
+
+
+def test_training_on_a_cache_with_flipped_label_bytes_reads_the_files(synthetic_root, tmp_path, capsys):
+    """Labels of 200 (no train id) in every cached item: without the checksums an IndexError in the loss mid-run;
+    with them each item is read from its file, the run finishes, and nothing of the cache or the data changes."""
+    import subprocess
+
+    import train
+
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(synthetic_root), str(data)], check=True)
+    source_only = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "gta5_bisenet.yaml"
+    overrides = [*tiny_overrides(data, **{"train.iters": 2}), f"data.cache={tmp_path / 'cache'}"]
+    assert cli.main(["prepare", "--config", str(source_only), "--quiet", "--workers", "1", "--roles", "source",
+                     *overrides]) == 0
+    labels = next((tmp_path / "cache").glob("labels-*"))
+    offset = json.loads((labels / "manifest.json").read_text())["data_offset"]
+    body = bytearray(labels.joinpath("data.npy").read_bytes())
+    body[offset:] = bytes([200]) * (len(body) - offset)
+    labels.joinpath("data.npy").write_bytes(bytes(body))
+    before = snapshot(tmp_path / "cache") | snapshot(data)
+    work = tmp_path / "runs"
+    with pytest.warns(UserWarning, match=rf"{labels}: item \d+ \(.*\) fails its checksum: reading the file instead"):
+        code = train.main(["--config", str(source_only), *overrides, "--work-dir", str(work)])
+    assert code == 0 and len(list(work.rglob("metrics.json"))) == 1
+    assert snapshot(tmp_path / "cache") | snapshot(data) == before
