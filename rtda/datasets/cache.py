@@ -138,7 +138,9 @@ class CacheEntry:
 
     def _verify_open(self, manifest: dict, data_size: int) -> str | None:
         """The cheap checks at open: data.npy's size and header, progress.npy's item table; None if all hold."""
-        offset = manifest.get("data_offset", -1)
+        offset = manifest.get("data_offset")
+        if not isinstance(offset, int) or offset <= 0:
+            return f"{self.manifest_path.name} has no data offset"
         if data_size != offset + self.nbytes:
             return f"{self.data_path.name} is {data_size} bytes, expected {offset + self.nbytes}"
         try:
