@@ -9,8 +9,9 @@ are counted on the stored labels (train ids, original size, no augmentation) wit
 `--max-images N` takes N evenly spaced maps per set.
 
 `--check` scans every file's content: the pre-flight header check of every image and label, then every label
-decoded and its values checked against the set's form (and, with `--images`, every image decoded); each bad
-file is one line; exit status 1 if any.
+decoded and its values checked against the set's form (and, with `--images`, every image decoded), then every
+item of the set's prepared cache entries read and checked against its crc32 (datasets/cache.py); each bad file,
+entry or cached item is one line; exit status 1 if any.
 
 `prepare` writes each role's images and train-id labels at the role's size into `data.cache` (datasets/cache.py),
 which the loaders then read instead of the PNGs. It shows a progress bar with the rate, runs `--workers`
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--max-images", type=int, default=None, metavar="N",
                         help="count class pixels on at most N evenly spaced label maps per set")
-    parser.add_argument("--check", action="store_true", help="scan every file's content instead of counting classes")
+    parser.add_argument("--check", action="store_true", help="scan every file's content (and verify every cached item's checksum) instead of counting classes")
     parser.add_argument("--images", action="store_true", help="--check: decode every image too (slower)")
     parser.add_argument("--workers", type=positive, default=available_cores(),
                         help="--check: processes scanning in parallel (default: the cores available)")

@@ -23,6 +23,7 @@ from rtda.datasets.io import COLOUR_TYPE_NAMES, DatasetError, png_header, read_i
 from rtda.datasets.label_forms import DESCRIPTIONS, LABEL_FORMS, PNG_COLOUR_TYPES, decode_train_ids, detect_label_form
 from rtda.datasets.transforms import augment_sample, resize_image, resize_label
 
+SHOWN_NAMES = 5  # file names an error or warning about many files lists before "..."
 MAX_ASPECT_CHANGE = 0.10  # pre-flight: a label whose aspect ratio differs more from its image's is mispaired
 OFF_PALETTE_SLOTS = 65  # the main process and up to 64 DataLoader workers
 CHECK_THREADS = 16  # header reads are I/O: threads overlap them (network file systems gain the most)
@@ -154,13 +155,16 @@ class ImageLabelDataset(Dataset):
         return image, label, off
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The image and label of item `index` before augmentation: from the cache where prepared, else the files."""
+        """The image and label of item `index` before augmentation: from the cache where prepared (and the item's
+        checksum holds), else the files."""
         image = label = None
         if self._image_entry is not None:
+            cached = self._image_entry.read(index)  # None: its bytes fail their checksum (warned), read the file
             # HWC in the cache; the channels-last view is the layout the uncached path hands to the augmentations
-            image = torch.from_numpy(self._image_entry.read(index)).permute(2, 0, 1)
+            image = None if cached is None else torch.from_numpy(cached).permute(2, 0, 1)
         if self.labels is not None and self._label_entry is not None:
-            label = torch.from_numpy(self._label_entry.read(index))
+            cached = self._label_entry.read(index)
+            label = None if cached is None else torch.from_numpy(cached)
         need_label = self.labels is not None and label is None
         if image is None or need_label:
             fresh_image, fresh_label, off = self.load_uncached(index, image=image is None, label=need_label)
@@ -286,6 +290,35 @@ class ImageLabelDataset(Dataset):
                                     "same aspect ratio, resized); is the label paired with the right image?")
         return problems
 
+
+
+_size_warned: set[str] = set()  # one label-size warning per set and process
+
+
+def shown(names: list[str]) -> str:
+    """The first SHOWN_NAMES of `names`, comma-separated, with ', ...' when there are more."""
+    return ", ".join(names[:SHOWN_NAMES]) + (", ..." if len(names) > SHOWN_NAMES else "")
+
+
+def check_label_sizes(images: list[Path], labels: list[Path], what: str, full_labels: bool) -> list[str]:
+    """The one rule for labels stored at another size than their image (headers only); returns their names.
+
+    Scored at their stored size (`full_labels`, eval.label_size: full) such a label cannot be matched to its
+    prediction pixel for pixel: a DatasetError with the count and the first names. Resized to `size` (training,
+    eval.label_size: protocol) image and label meet at one size: the labels are resized (nearest) and counted in
+    one warning per set and process, as a few real GTA5 frames need."""
+    mismatched = [label.name for image, label in zip(images, labels) if png_header(image).size != png_header(label).size]
+    if not mismatched:
+        return mismatched
+    count = f"{len(mismatched)} of {len(labels)} label maps differ in size from their image ({shown(mismatched)})"
+    if full_labels:
+        raise DatasetError(f"{what}: {count}: expected each label at its image's size, as they are scored at their "
+                           "stored size (eval.label_size: full); re-extract the labels, or score at the training size "
+                           "with eval.label_size=protocol")
+    if what not in _size_warned:
+        _size_warned.add(what)
+        warnings.warn(f"{what}: {count}; resizing those labels with nearest", stacklevel=3)
+    return mismatched
 
 
 def _header_or_error(path: Path):

@@ -13,10 +13,18 @@ stale one; and the entry is used only while every file's size and modification t
 prepared from. The folder holds
 
     data.npy        the items (allocated up front, filled in any order)
-    progress.npy    int64 [N, 3] per item: state (-1 to do; else done, for labels its off-palette pixel count),
-                    and the file's size and mtime when it was written; a rerun redoes only what is missing or changed
+    progress.npy    int64 [N, 4] per item: state (-1 to do; else done, for labels its off-palette pixel count),
+                    the file's size and mtime when it was written, and the crc32 of the item's bytes; a rerun
+                    redoes only what is missing or changed
     manifest.json   written last, atomically: an entry without a matching manifest is incomplete and never read
     .lock           held while a `prepare` writes the entry
+
+Checksums (format 2): the manifest carries a crc32 of itself, of data.npy's header and of progress.npy's item
+table, verified when a loader opens the entry (a few hundred bytes plus 32 bytes an item); every item read is
+checked against its crc32 (about 2 ms per 1280x720 image, 0.6 ms per label: docs/data.md); `python -m
+rtda.datasets --check` verifies every item of every entry. A damaged entry is never read: the loader warns in
+one line naming it and reads the PNG files instead (a damaged item: that item), and `prepare` rewrites it.
+Entries of format 1 (no checksums) are not read: the loader reads the files and says to rerun `prepare`.
 
 Nothing is written outside `<data.cache>`.
 """
@@ -33,6 +41,7 @@ import signal
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +51,7 @@ import torchvision
 from rtda.datasets.io import DatasetError
 from rtda.utils.files import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums (1: none; such entries are named and rebuilt, never read)
 SAVE_EVERY_S = 2.0  # how often a running prepare makes its progress durable
 _reported: set[str] = set()  # entries already reported unused in this process
 
@@ -69,16 +78,22 @@ class CacheEntry:
     def __init__(self, cache_dir, kind: str, files: list[Path], item_shape: tuple[int, ...], params: dict):
         self.cache_dir = Path(cache_dir)
         self.kind, self.files, self.item_shape, self.params = kind, list(files), tuple(item_shape), params
-        digest = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "kind": kind, "item_shape": self.item_shape,
-                                            "params": params}, sort_keys=True).encode())
-        for path in self.files:
-            digest.update(os.path.abspath(path).encode() + b"\0")
-        self.key = digest.hexdigest()
+        self.key = self._key(FORMAT_VERSION)
         self.folder = self.cache_dir / f"{kind}-{self.key[:16]}"
+        self.damage: str | None = None  # why a complete entry cannot be trusted (a checksum fails)
+        self.crcs: np.ndarray | None = None  # int64 [N]: each item's crc32, once the entry is verified
+        self._bad_items: set[int] = set()  # items found damaged (and reported) in this process
         self.fingerprints = _fingerprints(self.files)
         self.files_key = hashlib.sha256(self.fingerprints.tobytes()).hexdigest()
         self.manifest: dict = {}
         self._array = None
+
+    def _key(self, version: int) -> str:
+        digest = hashlib.sha256(json.dumps({"version": version, "kind": self.kind, "item_shape": self.item_shape,
+                                            "params": self.params}, sort_keys=True).encode())
+        for path in self.files:
+            digest.update(os.path.abspath(path).encode() + b"\0")
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------------------------------- state
     @property
@@ -98,32 +113,70 @@ class CacheEntry:
     manifest_path = property(lambda self: self.folder / "manifest.json")
 
     def ready(self) -> bool:
-        """Complete, and prepared from exactly the files as they are now."""
+        """Complete, prepared from exactly the files as they are now, and its checksums hold (the cheap ones:
+        manifest, data.npy header and size, item table; `damage` says which failed)."""
+        self.damage, self.manifest, self.crcs = None, {}, None
         try:
-            manifest = json.loads(self.manifest_path.read_text())
-            data_size = self.data_path.stat().st_size
-        except (OSError, ValueError):
+            text = self.manifest_path.read_text()
+        except OSError:
             return False
-        ok = (manifest.get("key") == self.key and manifest.get("files_key") == self.files_key
-              and manifest.get("shape") == list(self.shape)
-              and data_size == manifest.get("data_offset", -1) + self.nbytes)
-        self.manifest = manifest if ok else {}
-        return ok
+        try:
+            manifest = json.loads(text)
+            data_size = self.data_path.stat().st_size
+        except (OSError, ValueError, UnicodeDecodeError):
+            manifest, data_size = None, -1
+        if not isinstance(manifest, dict) or manifest.get("manifest_crc32") != _manifest_crc(manifest):
+            self.damage = f"{self.manifest_path.name} fails its checksum"
+            return False
+        if not (manifest.get("key") == self.key and manifest.get("files_key") == self.files_key
+                and manifest.get("shape") == list(self.shape)):
+            return False  # another entry's manifest, or files changed since: not damage
+        self.damage = self._verify_open(manifest, data_size)
+        if self.damage is None:
+            self.manifest = manifest
+        return self.damage is None
+
+    def _verify_open(self, manifest: dict, data_size: int) -> str | None:
+        """The cheap checks at open: data.npy's size and header, progress.npy's item table; None if all hold."""
+        offset = manifest.get("data_offset")
+        if not isinstance(offset, int) or offset <= 0:
+            return f"{self.manifest_path.name} has no data offset"
+        if data_size != offset + self.nbytes:
+            return f"{self.data_path.name} is {data_size} bytes, expected {offset + self.nbytes}"
+        try:
+            with open(self.data_path, "rb") as f:
+                header = f.read(offset)
+        except OSError as exc:
+            return f"{self.data_path.name} cannot be read ({exc.strerror})"
+        if zlib.crc32(header) != manifest.get("header_crc32"):
+            return f"the header of {self.data_path.name} fails its checksum"
+        progress = self._progress()
+        if progress is None or zlib.crc32(progress.tobytes()) != manifest.get("items_crc32"):
+            return f"{self.progress_path.name} fails its checksum"
+        self.crcs = progress[:, 3].copy()
+        return None
 
     def _progress(self) -> np.ndarray | None:
         try:
             progress = np.load(self.progress_path)
         except (OSError, ValueError):
             return None
-        return progress if progress.shape == (len(self.files), 3) else None
+        ok = progress.shape == (len(self.files), 4) and progress.dtype == np.int64
+        return progress if ok else None
 
     def status(self) -> str:
         if self.ready():
             return "ready"
+        if self.damage:
+            return f"damaged ({self.damage}; `prepare` rewrites it)"
         progress = self._progress()
         if progress is None or not self.data_path.is_file():
+            legacy = self.cache_dir / f"{self.kind}-{self._key(1)[:16]}"
+            if (legacy / "manifest.json").is_file():
+                return (f"not prepared: {legacy.name} was written by an earlier version without checksums and is not "
+                        "read; `prepare` writes a checked entry (then delete the old folder)")
             return "not prepared"
-        valid = (progress[:, 0] >= 0) & np.all(progress[:, 1:] == self.fingerprints, axis=1)
+        valid = (progress[:, 0] >= 0) & np.all(progress[:, 1:3] == self.fingerprints, axis=1)
         changed = int(np.count_nonzero((progress[:, 0] >= 0) & ~valid))
         return (f"incomplete ({int(valid.sum())} of {len(self.files)} items"
                 + (f"; {changed} file{'s' if changed > 1 else ''} changed since" if changed else "") + ")")
@@ -138,19 +191,43 @@ class CacheEntry:
                       "writes or finishes it)", stacklevel=4)
 
     # ----------------------------------------------------------------------------------------- reading
-    def read(self, index: int) -> np.ndarray:
-        """A writable copy of item `index` (the memory map opens on first use, in each worker process)."""
+    def read(self, index: int) -> np.ndarray | None:
+        """A writable copy of item `index` (the memory map opens on first use, in each worker process), or None
+        when its bytes fail their checksum: then the caller reads the file, and the first such item of this entry
+        in this process is reported in one warning naming the entry and the file."""
         if self._array is None:
-            array = np.load(self.data_path, mmap_mode="r")
+            try:
+                array = np.load(self.data_path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"{self.data_path}: cannot be read as a cache array ({exc}); delete "
+                                   f"{self.folder} and rerun `python -m rtda.datasets prepare`") from None
             if array.shape != self.shape or array.dtype != np.uint8:
                 raise DatasetError(f"{self.data_path}: holds {array.dtype} {array.shape}, expected uint8 {self.shape}; "
                                    "delete the folder and rerun `python -m rtda.datasets prepare`")
             self._array = array
-        return np.array(self._array[index])
+        item = np.array(self._array[index])
+        if self.crcs is not None and zlib.crc32(item) != self.crcs[index]:
+            if not self._bad_items:
+                warnings.warn(f"{self.folder}: item {index} ({self.files[index]}) fails its checksum: reading the file "
+                              "instead (`python -m rtda.datasets --config FILE --check` lists every damaged item; "
+                              "delete the folder and rerun `prepare` to rewrite it)", stacklevel=3)
+            self._bad_items.add(index)
+            return None
+        return item
+
+    def bad_items(self) -> list[int]:
+        """Every item whose bytes fail their checksum (reads the whole entry: `--check`)."""
+        return [index for index in range(len(self.files)) if self._read_quietly(index) is None]
+
+    def _read_quietly(self, index: int) -> np.ndarray | None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.read(index)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_array"] = None  # a memory map would pickle as a full copy of the array
+        state["_bad_items"] = set()  # each process reports its own first damaged item
         return state
 
     # ----------------------------------------------------------------------------------------- writing
@@ -159,7 +236,7 @@ class CacheEntry:
         self.folder.mkdir(parents=True, exist_ok=True)
         progress = self._progress() if self.data_path.is_file() else None
         offset = None
-        if progress is not None:
+        if progress is not None and not self.damage:  # a damaged entry is rewritten from scratch
             try:
                 existing = np.load(self.data_path, mmap_mode="r")
                 if existing.shape == self.shape and existing.dtype == np.uint8:
@@ -168,19 +245,21 @@ class CacheEntry:
             except (OSError, ValueError):
                 pass
         if offset is None:  # fresh (or unusable): a sparse file of the full size
+            self.manifest_path.unlink(missing_ok=True)  # never a manifest over items being rewritten
             array = np.lib.format.open_memmap(self.data_path, mode="w+", dtype=np.uint8, shape=self.shape)
             offset = array.offset
             del array
-            progress = np.full((len(self.files), 3), -1, dtype=np.int64)
-        stale = np.any(progress[:, 1:] != self.fingerprints, axis=1)
+            progress = np.full((len(self.files), 4), -1, dtype=np.int64)
+        stale = np.any(progress[:, 1:3] != self.fingerprints, axis=1)
         progress[stale, 0] = -1  # changed since they were written: redo them
         self.progress = progress
         self.data_offset = int(offset)
         return self.data_offset, np.flatnonzero(progress[:, 0] < 0)
 
-    def mark_done(self, index: int, value: int) -> None:
+    def mark_done(self, index: int, value: int, crc: int) -> None:
         self.progress[index, 0] = value
-        self.progress[index, 1:] = self.fingerprints[index]
+        self.progress[index, 1:3] = self.fingerprints[index]
+        self.progress[index, 3] = crc
 
     def save_progress(self, data_fd: int) -> None:
         os.fsync(data_fd)  # the items first, so the progress never claims an item the disk lacks
@@ -189,12 +268,22 @@ class CacheEntry:
     def finish(self, data_fd: int) -> None:
         self.save_progress(data_fd)
         off = self.progress[:, 0]
+        with open(self.data_path, "rb") as f:
+            header = f.read(self.data_offset)
         manifest = {"version": FORMAT_VERSION, "key": self.key, "files_key": self.files_key, "kind": self.kind,
                     "shape": list(self.shape), "data_offset": self.data_offset, "params": self.params,
                     "first_file": str(self.files[0]), "off_palette_pixels": int(off.sum()),
-                    "off_palette_files": int(np.count_nonzero(off)), "prepared": time.strftime("%Y-%m-%d %H:%M:%S")}
+                    "off_palette_files": int(np.count_nonzero(off)), "prepared": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "header_crc32": zlib.crc32(header), "items_crc32": zlib.crc32(self.progress.tobytes())}
+        manifest["manifest_crc32"] = _manifest_crc(manifest)
         atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
         self.manifest = manifest
+
+
+def _manifest_crc(manifest: dict) -> int:
+    """crc32 of the manifest's content without its own checksum (keys sorted: the order on disk is free)."""
+    rest = {key: value for key, value in manifest.items() if key != "manifest_crc32"}
+    return zlib.crc32(json.dumps(rest, sort_keys=True).encode())
 
 
 def _resize_params() -> dict:
@@ -231,12 +320,14 @@ def _close_worker() -> None:
         os.close(fd)
 
 
-def _work(task: tuple[int, tuple[int, ...]]) -> tuple[int, int]:
-    """Decode and resize item `index` exactly as the uncached loader does, write the parts in `need`."""
+def _work(task: tuple[int, tuple[int, ...]]) -> tuple[int, int, dict[int, int]]:
+    """Decode and resize item `index` exactly as the uncached loader does, write the parts in `need`;
+    (index, off-palette pixels, {target: crc32 of the bytes written})."""
     index, need = task
     ds, targets, fds = _WORKER["dataset"], _WORKER["targets"], _WORKER["fds"]
     kinds = {targets[k][0] for k in need}
     image, label, off = ds.load_uncached(index, image="images" in kinds, label="labels" in kinds)
+    crcs = {}
     for k in need:
         kind, path, offset, nbytes = targets[k]
         part = image.permute(1, 2, 0) if kind == "images" else label
@@ -245,7 +336,8 @@ def _work(task: tuple[int, tuple[int, ...]]) -> tuple[int, int]:
             raise DatasetError(f"{ds.images[index] if kind == 'images' else ds.labels[index]}: gives a {kind[:-1]} of "
                                f"shape {tuple(data.shape)}, expected {nbytes} bytes like the other items of {path.parent}")
         os.pwrite(fds[k], memoryview(data).cast("B"), offset + index * nbytes)
-    return index, off
+        crcs[k] = zlib.crc32(data)
+    return index, off, crcs
 
 
 @contextlib.contextmanager
@@ -266,9 +358,9 @@ def _record_results(entries: list[CacheEntry], fds: list[int], need_of: dict, re
     """Mark each finished item done in the entries it was written to, saving the progress every SAVE_EVERY_S
     seconds and finishing (manifest last) every entry at the end."""
     last_save = time.monotonic()
-    for index, off in results:
+    for index, off, crcs in results:
         for k in need_of[index]:
-            entries[k].mark_done(index, off if entries[k].kind == "labels" else 0)
+            entries[k].mark_done(index, off if entries[k].kind == "labels" else 0, crcs[k])
         bar.update()
         if time.monotonic() - last_save > SAVE_EVERY_S:
             for entry, fd in zip(entries, fds):

@@ -9,6 +9,11 @@
 When several label files exist for every image, the official `_labelIds.png` is read (and `python -m rtda.datasets`
 says so); what the files hold is then told from their values (datasets/label_forms.py), the name only settles a tie.
 
+Images and labels must pair up: an image without a label or a label without an image (a missing val image
+would shrink the scored set) is an error with the counts, and so is a label of another size than its image
+when labels are scored at their stored size (base.check_label_sizes). A deliberate subset is a folder of its
+own in the same layout holding the chosen images and their labels (symlinks will do; docs/data.md).
+
 Item names are the stems `{city}_{seq}_{frame}`: cityscapesscripts' evaluator matches a prediction file
 `{stem}*.png` (label ids, anywhere under its prediction folder) to the ground truth `label_path(i)`.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rtda.datasets.base import ImageLabelDataset
+from rtda.datasets.base import ImageLabelDataset, check_label_sizes, shown
 from rtda.datasets.io import DatasetError
 from rtda.datasets.label_forms import SHORT
 
@@ -80,6 +85,8 @@ class CityscapesDataset(ImageLabelDataset):
             notes += suffix_notes
             label_files = [label_dir / p.parent.name / f"{n}{self.label_suffix}" for p, n in zip(images, names)]
             _check_labels_exist(images, label_files)
+            _check_no_orphan_labels(label_dir, self.label_suffix, set(names), found[self.image_dir_name])
+            check_label_sizes(images, label_files, f"Cityscapes '{root}' (split '{split}')", full_labels)
             hint = LABEL_SUFFIXES[self.label_suffix]
         self.pseudo_labels = pseudo_labels
         super().__init__(images, label_files, names, size, label_form=form, form_hint=hint,
@@ -135,3 +142,15 @@ def _check_labels_exist(images: list[Path], label_files: list[Path]) -> None:
         raise DatasetError(f"Cityscapes image {image} has no label: expected {label} "
                            f"({len(missing)} of {len(images)} images lack labels)")
 
+
+
+def _check_no_orphan_labels(label_dir: Path, suffix: str, names: set[str], image_dir: Path) -> None:
+    """Labels (of the suffix read) without an image are an error with the count: a missing val image would
+    otherwise shrink the scored set without a word."""
+    orphans = sorted(entry.name for city in os.scandir(label_dir) if city.is_dir() for entry in os.scandir(city.path)
+                     if entry.name.endswith(suffix) and entry.name[:-len(suffix)] not in names)
+    if orphans:
+        raise DatasetError(f"Cityscapes {label_dir} has {len(orphans)} labels without an image in {image_dir} "
+                           f"({len(names)} images, {len(names) + len(orphans)} labels; missing images of: "
+                           f"{shown(orphans)}): expected every image present (re-extract leftImg8bit), or a subset "
+                           "on purpose as a folder of its own (docs/data.md, 'A subset on purpose')")

@@ -5,20 +5,18 @@
                               the course subset and other re-saves: RGB colours of the Cityscapes palette,
                               or train ids (datasets/label_forms.py tells them apart from the files)
 
-UDA work trains on all 24,966 frames (or the names in `list_file`). A few label maps differ in size from
-their image by some pixels; they are resized (nearest) like every label, and counted in one warning.
+UDA work trains on all 24,966 frames, or on the names in `list_file` (a deliberate subset). Without a list
+file the two folders must hold the same names: an image without a label, or a label without an image (a
+half-extracted archive), is an error with the counts. A few label maps differ in size from their image by some
+pixels; they are resized (nearest) like every label, and counted in one warning (base.check_label_sizes).
 """
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
-from rtda.datasets.base import ImageLabelDataset
-from rtda.datasets.io import DatasetError, png_header
-
-_warned_roots: set[str] = set()  # one size-mismatch warning per root and process
-
+from rtda.datasets.base import ImageLabelDataset, check_label_sizes, shown
+from rtda.datasets.io import DatasetError
 
 FORMS = {
     "label_ids": "GTA5 official: labels/NNNNN.png hold Cityscapes label ids (palettised PNGs)",
@@ -55,14 +53,10 @@ class GTA5Dataset(ImageLabelDataset):
             if missing:
                 raise DatasetError(f"GTA5 image {image_dir / missing[0]} has no label: expected "
                                    f"{label_dir / missing[0]} ({len(missing)} of {len(names)} images lack labels)")
+            if not list_file:  # a list file names a subset on purpose: the other labels are not missing images
+                _check_no_orphan_labels(present, set(names), image_dir, label_dir)
             label_files = [label_dir / name for name in names]
-            self.mismatched = [name for name, image, label in zip(names, images, label_files)
-                               if png_header(image).size != png_header(label).size]  # headers only
-            if self.mismatched and str(self.root) not in _warned_roots:
-                _warned_roots.add(str(self.root))
-                shown = ", ".join(self.mismatched[:5]) + (", ..." if len(self.mismatched) > 5 else "")
-                warnings.warn(f"GTA5 '{root}': {len(self.mismatched)} of {len(names)} label maps differ in size "
-                              f"from their image ({shown}); resizing those labels with nearest", stacklevel=2)
+            self.mismatched = check_label_sizes(images, label_files, f"GTA5 '{root}'", full_labels=False)
         stems = [Path(name).stem for name in names]
         super().__init__(images, label_files, stems, size, label_form=label_form, augment=augment, seed=seed,
                          cache=cache, label_form_key=label_form_key, interpolation=interpolation)
@@ -89,3 +83,13 @@ def _read_list(list_file, image_dir: Path) -> list[str]:
         if name:
             names.append(name)
     return names
+
+
+def _check_no_orphan_labels(labels: set[str], images: set[str], image_dir: Path, label_dir: Path) -> None:
+    """Labels without an image are an error with the count (a half-extracted archive), as images without labels."""
+    orphans = sorted(name for name in labels if name.endswith(".png") and name not in images)
+    if orphans:
+        raise DatasetError(f"GTA5 {label_dir} has {len(orphans)} labels without an image in {image_dir} "
+                           f"({len(images)} images, {len(images) + len(orphans)} labels; missing: {shown(orphans)}): "
+                           "expected both folders complete (re-extract the archive), or name a subset on purpose "
+                           "in data.<role>.list_file")

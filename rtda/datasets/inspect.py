@@ -1,5 +1,6 @@
 """Looking at built data sets: class pixel counts, the label-form and cache reports, and the full content scan
-(`check`: every label decoded and checked against its set's label form, optionally every image)."""
+(`check`: every label decoded and checked against its set's label form, optionally every image, and every
+item of the set's prepared cache entries against its checksum)."""
 from __future__ import annotations
 
 import argparse
@@ -139,19 +140,41 @@ def check(built: dict, workers: int, images: bool, progress: bool = True) -> int
             off_total = sum(off for off, _ in off_files)
             scanned = " and ".join((["images"] if images else []) + (["labels"] if ds.labels is not None else []))
             scanned += " decoded"
+        cache_bad, cache_note = cache_problems(ds)
+        problems += cache_bad
+        scanned_cache = len(cache_bad)
         for problem in problems:
             print(f"bad: {problem}")
         line = (f"{role}: {len(ds)} items of {ds.describe_root()}, {ds.describe_form()}; headers of every file "
                 f"checked, {scanned}: {len(problems)} bad file{'s' if len(problems) != 1 else ''}")
         if header_bad:
             line += f" ({header_bad} in the headers)"
-        print(line)
+        if scanned_cache:
+            line += f" ({scanned_cache} in the cache)"
+        print(line + cache_note)
         if off_files:
             worst = ", ".join(f"{path.name} ({off})" for off, path in sorted(off_files, reverse=True)[:5])
             print(f"{role}: {off_total} label pixels in {len(off_files)} file{'s' if len(off_files) > 1 else ''} have colours outside the Cityscapes "
                   f"palette and read as ignore (255); most in {worst}")
         total_problems += len(problems)
     return total_problems
+
+
+def cache_problems(ds) -> tuple[list[str], str]:
+    """(one line per damaged cache entry or item of `ds`, a note on what was verified): every item of each
+    complete entry is read and checked against its crc32 (as fast as the disk reads the entry)."""
+    problems, verified = [], []
+    for entry in ds.cache_entries():
+        if entry.ready():
+            bad = entry.bad_items()
+            problems += [f"{entry.folder}: item {i} ({entry.files[i]}) fails its checksum: delete the folder and rerun "
+                         "`python -m rtda.datasets prepare` (training reads the file instead)" for i in bad]
+            verified.append(f"{entry.kind} {len(entry.files) - len(bad)} of {len(entry.files)} items")
+        elif entry.damage:
+            problems.append(f"{entry.folder}: {entry.damage}: the loaders read the files instead; delete the folder "
+                            "and rerun `python -m rtda.datasets prepare`")
+    note = f"; cache checksums verified: {', '.join(verified)}" if verified else ""
+    return problems, note
 
 
 def _tick(results, bar):
