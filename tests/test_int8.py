@@ -88,3 +88,17 @@ def test_eval_scores_the_int8_file(int8_file, tiny, tmp_path):
     overrides, _ = tiny
     assert eval_main(["--config", str(CONFIG), "--checkpoint", str(int8_file), "--out", str(tmp_path / "ev"),
                       *overrides]) == 0
+
+
+def test_benchmark_times_the_int8_form_beside_the_others():
+    from rtda import models
+    from rtda.bench import latency
+
+    torch.manual_seed(0)
+    model = models.build_model({"name": "bisenet"}).eval()
+    forms = latency.parse_variants("onnxruntime,onnxruntime_int8", torch.device("cpu"))
+    assert forms == ["eager", "onnxruntime", "onnxruntime_int8"]
+    result = latency.measure_latency(model, models.deploy(model), (32, 64), torch.device("cpu"), iters=2, warmup=0,
+                                     forms=forms)
+    assert result["onnxruntime_int8"]["iters"] == 2 and "onnxruntime_int8" in result["parity"]
+    assert "skipped" not in result

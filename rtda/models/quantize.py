@@ -51,8 +51,13 @@ def quantize_file(float_path: str | Path, out: str | Path, images, metadata: dic
     """
     onnx = require("onnx", "INT8 quantisation")
     require("onnxruntime", "INT8 quantisation")
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
