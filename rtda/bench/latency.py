@@ -22,6 +22,9 @@ from rtda.bench.common import BenchmarkError
 DEFAULT_ITERS = {"cpu": 20, "cuda": 1000}  # 1000 is the course protocol; fewer on a CPU, where a call is slow
 DEFAULT_WARMUP = {"cpu": 3, "cuda": 50}
 TIMING_ROUNDS = 5  # eager and deploy alternate this many times
+# The INT8 form's calibration: random images fix its scales, not its graph or kernels, so its speed is that of a
+# file calibrated on real images; its accuracy is not, hence the label in VARIANT_HELP.
+INT8_RANDOM_CALIBRATION = 8
 
 
 def time_calls(fn, image: torch.Tensor, iters: int, warmup: int = 0) -> list[float]:
@@ -67,13 +70,16 @@ VARIANT_HELP = {
     "deploy": "models.deploy: no aux heads, BN folded, channels_last, inference_mode (+ --amp / --compile)",
     "compile": "torch.compile of the deploy form",
     "onnxruntime": "the deploy form exported by models.export (fixed shape), ONNX Runtime (CPU, or CUDA provider)",
+    "onnxruntime_int8": "that ONNX file quantised to INT8 by models.quantize (static QDQ, per-channel) calibrated "
+                        f"on {INT8_RANDOM_CALIBRATION} random images: a timing only (its parity is no accuracy "
+                        "figure; `export --int8` calibrates on val images and reports one)",
     "fp16": "the deploy form under float16 autocast (CUDA)",
     "bf16": "the deploy form under bfloat16 autocast (CUDA)",
     "cudagraph": "the deploy form captured once in a CUDA graph and replayed (CUDA)",
     "tensorrt": "the ONNX file in ONNX Runtime's TensorRT provider, fp32 (CUDA, when the provider is present)",
     "tensorrt_fp16": "the same with TensorRT's fp16 kernels allowed",
 }
-CPU_VARIANTS = ("eager", "deploy", "compile", "onnxruntime")
+CPU_VARIANTS = ("eager", "deploy", "compile", "onnxruntime", "onnxruntime_int8")
 CUDA_VARIANTS = CPU_VARIANTS + ("fp16", "bf16", "cudagraph", "tensorrt", "tensorrt_fp16")
 
 
@@ -138,7 +144,7 @@ def build_variants(model: nn.Module, deployed: nn.Module | None, names: list[str
             variants[name] = Variant(plain, last, cast=lambda dtype=name: autocast_context(device, dtype))
         elif name == "cudagraph":
             variants[name] = Variant(*_cuda_graph(plain.graph(), last, amp))
-        elif name in ("onnxruntime", "tensorrt", "tensorrt_fp16"):
+        elif name in ("onnxruntime", "onnxruntime_int8", "tensorrt", "tensorrt_fp16"):
             variant = _onnxruntime_variant(plain, image, name, Path(workdir or "."))
             if isinstance(variant, str):
                 skipped[name] = variant
@@ -225,6 +231,8 @@ def _onnxruntime_variant(deployed: nn.Module, image: torch.Tensor, name: str, wo
             export_onnx(cpu_copy, path, tuple(image.shape[-2:]))
         except ExportError as exc:
             raise BenchmarkError(f"--forms {name}: {exc}") from None
+    if name == "onnxruntime_int8":
+        path = _int8_file(path, image)
     try:
         onnx_model = OnnxModel(path, threads=torch.get_num_threads(), providers=providers)
     except ExportError as exc:
@@ -236,6 +244,23 @@ def _onnxruntime_variant(deployed: nn.Module, image: torch.Tensor, name: str, wo
         x = image.float().cpu().contiguous().numpy()
         return Variant(onnx_model.run_numpy, x, to_tensor=lambda out: torch.from_numpy(out))
     return _bound_variant(onnx_model, image)
+
+
+def _int8_file(float_path: Path, image: torch.Tensor) -> Path:
+    """The INT8 quantisation of `float_path` next to it, calibrated on INT8_RANDOM_CALIBRATION random images."""
+    from rtda.models.export import ExportError
+    from rtda.models.quantize import quantize_file
+
+    path = float_path.with_name("model_int8.onnx")
+    if not path.is_file():
+        generator = torch.Generator().manual_seed(0)
+        images = ((torch.rand(1, 3, *image.shape[-2:], generator=generator) * 255).numpy()
+                  for _ in range(INT8_RANDOM_CALIBRATION))
+        try:
+            quantize_file(float_path, path, images, {"calibration_split": "random images (benchmark timing only)"})
+        except ExportError as exc:
+            raise BenchmarkError(f"--forms onnxruntime_int8: {exc}") from None
+    return path
 
 
 def measure_latency(model: nn.Module, deployed: nn.Module | None, size: tuple[int, int], device: torch.device,

@@ -20,6 +20,9 @@ TorchScript exporter is missing or fails. Both give the same ONNX Runtime speed 
 (docs/benchmarks.md). After writing, the file is run in ONNX Runtime on a random image and compared with the
 PyTorch model (eval mode); the export fails, writing nothing, if fewer than 99.9% of the argmax labels agree.
 
+`--int8` writes the INT8 form instead: static post-training quantisation of that float file, calibrated on the
+config's val split, with its parity to the float file on held-out val images (rtda/models/quantize.py).
+
 `onnx` and `onnxruntime` (and `onnxscript` for the dynamo exporter) are optional extras: a missing one is a
 one-line error naming the `pip install` that provides it.
 """
@@ -285,6 +288,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; dynamo: its own)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out even if this project did not "
                         "write it (a file an earlier export wrote is replaced without it)")
+    parser.add_argument("--int8", action="store_true", help="quantise to INT8 (static, QDQ) calibrated on the val "
+                        "split, and write that file instead (rtda/models/quantize.py)")
+    parser.add_argument("--calibration", type=int, default=300, help="--int8: val images to calibrate on "
+                        "(default 300, clamped to the val images not held out)")
+    parser.add_argument("--parity-images", type=int, default=50, help="--int8: the last N val images, held out "
+                        "for the parity check (default 50)")
+    parser.add_argument("--min-agreement", type=float, default=0.97, help="--int8: least argmax agreement with "
+                        "the float model on the held-out images (default 0.97)")
+    parser.add_argument("--max-miou-drop", type=float, default=2.0, help="--int8: most mIoU points INT8 may lose "
+                        "against float on them (default 2.0)")
+    parser.add_argument("--force", action="store_true", help="--int8: write the file even below those thresholds")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return parser.parse_args(argv)
 
@@ -312,6 +326,8 @@ def _export_cli(args) -> int:
     if args.opset is not None and args.opset < 7:
         raise ExportError(f"--opset {args.opset}: expected an ONNX opset >= 7 (e.g. {DEFAULT_OPSET})")
     require("onnxruntime", "the parity check of the export")
+    if args.int8:
+        _check_int8_args(args, size, (height, width))
     model = build_untrained(cfg.model)  # the checkpoint has every weight
     checkpoint = load_trained_weights(model, args.checkpoint, cfg.model)
     model.eval()
@@ -344,6 +360,12 @@ def _export_cli(args) -> int:
         if worst < MIN_AGREEMENT:
             raise ExportError(f"{out}: not written, ONNX Runtime's argmax agrees with PyTorch on only "
                               f"{100 * worst:.3f}% of the pixels (need >= {100 * MIN_AGREEMENT:.1f}%)")
+        if args.int8:  # the float file is only the quantiser's input
+            from rtda.models.quantize import export_int8
+
+            export_int8(staged, out, cfg, args, metadata)
+            record_outputs(out.parent, [out.name])
+            return 0
         os.replace(staged, out)
         record_outputs(out.parent, [out.name])  # a later export may replace it without --overwrite
     finally:
@@ -351,6 +373,19 @@ def _export_cli(args) -> int:
             staged.unlink()
     print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB, one self-contained file)")
     return 0
+
+
+def _check_int8_args(args, size: tuple[int, int], val_size: tuple[int, int]) -> None:
+    """--int8 calibrates and checks on val images as evaluation reads them: one fixed shape, data.val.size."""
+    if args.dynamic:
+        raise ExportError("--int8 with --dynamic: the INT8 file is calibrated at one fixed shape; drop --dynamic")
+    if size != val_size:
+        raise ExportError(f"--int8 --size {size[0]}x{size[1]}: INT8 calibrates on the val images at data.val.size "
+                          f"({val_size[0]}x{val_size[1]}); drop --size or set data.val.size=[{size[1]},{size[0]}]")
+    if not 0 <= args.min_agreement <= 1:
+        raise ExportError(f"--min-agreement {args.min_agreement}: expected a fraction in [0, 1], e.g. 0.97")
+    if args.max_miou_drop < 0:
+        raise ExportError(f"--max-miou-drop {args.max_miou_drop}: expected mIoU points >= 0, e.g. 2.0")
 
 
 if __name__ == "__main__":
