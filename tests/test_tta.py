@@ -149,7 +149,9 @@ def test_cli_with_tta_window_and_out_writes_table_and_confusion_plot(synthetic_r
     assert evaluator.main(argv) == 0
     printed = capsys.readouterr().out
     assert "TTA flip + scales [0.75, 1.0]" in printed and "sliding window" in printed and "mIoU" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "iou_table.txt", "metrics.json"]
+    # the outputs, and the manifest that lets a later run replace them (rtda.utils.files.record_outputs)
+    assert sorted(p.name for p in out.iterdir()) == [".rtda-outputs.jsonl", "confusion.png", "iou_table.txt",
+                                                      "metrics.json"]
     assert "bicycle" in (out / "iou_table.txt").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     (column,) = metrics["columns"].values()
