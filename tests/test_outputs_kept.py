@@ -117,6 +117,23 @@ def test_eval_out_replaces_only_its_own_scores_or_with_overwrite(synthetic_root,
     one_error_line(capsys, str(out / "iou_table.txt"))
 
 
+def test_eval_save_predictions_replace_only_their_own_pngs_or_with_overwrite(synthetic_root, tmp_path, capsys):
+    cfg = load_config(SOURCE_ONLY, tiny_overrides(synthetic_root))
+    checkpoint = tmp_path / "gta5_bisenet" / "run" / "best.pt"
+    save_checkpoint({"model": build_model(cfg.model).state_dict()}, checkpoint)
+    argv = ["--config", str(SOURCE_ONLY), "--checkpoint", str(checkpoint), *tiny_overrides(synthetic_root),
+            "--save-predictions", str(tmp_path / "pred"), "--format", "trainids", "--no-progress"]
+    assert evaluator.main(argv) == 0
+    first = sorted((tmp_path / "pred").glob("*.png"))
+    assert first and evaluator.main(argv) == 0  # its own PNGs: replaced without --overwrite
+    first[0].write_bytes(USER_BYTES)  # now the user's file
+    before = checksums(tmp_path)
+    assert evaluator.main(argv) == 1
+    one_error_line(capsys, str(first[0]))
+    assert checksums(tmp_path) == before
+    assert evaluator.main([*argv, "--overwrite"]) == 0 and first[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ------------------------------------------------------------------------------------------ eval.py --images
 def test_images_outputs_replace_only_their_own_files_or_with_overwrite(bisenet, tmp_path, capsys):
     config, checkpoint, images = bisenet

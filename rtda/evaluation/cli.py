@@ -76,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input-size", metavar="HxW|original", help="--images: the size the model sees "
                         "(default the config's data.val.size; `original` = each image's own size, e.g. with "
                         "eval.window); predictions are always written at the image's size")
-    parser.add_argument("--overwrite", action="store_true", help="--out: replace files this project did not "
-                        "write (files an earlier eval.py wrote there are replaced without it)")
+    parser.add_argument("--overwrite", action="store_true", help="--out, --save-predictions: replace files this "
+                        "project did not write (files an earlier eval.py wrote there are replaced without it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     # `--checkpoint A B section.key=value` : argparse hands the trailing overrides to --checkpoint; take them back
@@ -166,6 +166,8 @@ def _main_checkpoints(args, cfg: Config, loader, dist, inference: Inference, hea
     if args.out:  # before the first model is loaded; on every rank, so that all of them stop
         check_overwrite(args.out, ["iou_table.txt", "metrics.json", *_confusion_files(names).values()],
                         args.overwrite)
+    if args.save_predictions:
+        check_overwrite(args.save_predictions, [f"{name}.png" for name in loader.dataset.names], args.overwrite)
     on_batch = _prediction_writer(Path(args.save_predictions), args.format) if args.save_predictions else None
     columns, confusions = {}, {}
     for group, name in zip(groups, names):
@@ -191,6 +193,7 @@ def _prediction_writer(out: Path, fmt: str):
     def on_batch(batch, pred):
         for name, image, p in zip(batch["name"], batch["image"], pred):
             prediction_image(p, image, fmt).save(out / f"{name}.png")
+        record_outputs(out, [f"{name}.png" for name in batch["name"]])  # a later run may replace them
 
     return on_batch
 
