@@ -18,10 +18,10 @@ from rtda.bench import common, latency, plot, train_cost
 from rtda.bench import tables as tabulate
 from rtda.config import from_dict, load_config, to_dict
 from rtda.datasets.synthetic import GENERATOR_VERSION
-from rtda.experiments import common as experiments_common
 from rtda.experiments import pretrain_backbone, synthetic_table
 from rtda.experiments.common import ExperimentError
 from rtda.models import complexity
+from rtda.utils.files import file_sha256
 
 CLASSES = ["road", "sidewalk", "building"]
 
@@ -530,7 +530,7 @@ def test_pretrain_synthetic_writes_a_backbone_the_rows_load(tmp_path, capsys):
     state = torch.load(out, weights_only=True)
     assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])
     assert "loaded 120 backbone tensors" in capsys.readouterr().out
-    assert recipe["sha256"] == experiments_common.file_sha256(out)
+    assert recipe["sha256"] == file_sha256(out)
     again = pretrain_backbone.pretrain_synthetic_backbone(tmp_path / "again" / "r18.pt", small, steps=3, images=4, batch=2)
     assert again["loss_last50"] == recipe["loss_last50"]  # seeded: the same file from the same recipe ...
     assert again["sha256"] == recipe["sha256"]  # ... byte for byte (torch.save names its archive after the file)

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from rtda.config import load_config
-from rtda.experiments.common import SYNTHETIC, ExperimentError, file_sha256
+from rtda.experiments.common import SYNTHETIC, ExperimentError
 from rtda.models.base import InputNorm
 from rtda.models.resnet import RESNETS, build_resnet, resnet_features
 from rtda.utils.env import environment
-from rtda.utils.files import atomic_write_text
+from rtda.utils.files import atomic_write_text, file_sha256
 
 PRETRAIN_DEFAULTS = {"steps": 2400, "images": 8000, "batch": 32, "lr": 2e-3, "weight_decay": 1e-2, "seed": 0}
 PRETRAIN_MIN_SHARE = 0.02  # a class is present in a cell when it covers this share of the cell's pixels

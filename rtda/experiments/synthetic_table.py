@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from rtda.config import NOT_RESULT_KEYS, load_config
-from rtda.experiments.common import REPO_ROOT, SYNTHETIC, ExperimentError, file_sha256
+from rtda.experiments.common import REPO_ROOT, SYNTHETIC, ExperimentError
 from rtda.runs import METRICS, interrupted_run, read_metrics, write_metrics
-from rtda.utils.files import atomic_write_text
+from rtda.utils.files import atomic_write_text, file_sha256
 
 # Runs of one seed in the order they train: the two references, one of each method, then the variants.
 # (FDA beta 0.09 is the one that fits 128x64: a band of floor(64 * 0.09) = 5 pixels; 0.01 swaps nothing there.)

@@ -139,7 +139,8 @@ class OverwriteError(FileExistsError):
     """An output would replace a file the project did not write; the message is one line naming it and --overwrite."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -170,7 +171,7 @@ def check_overwrite(root: str | Path, names, overwrite: bool = False) -> None:
     root = Path(root)
     written = _manifest(root)
     foreign = [root / name for name in names if (root / name).is_file() and
-               written.get(Path(name).as_posix()) != _sha256(root / name)]
+               written.get(Path(name).as_posix()) != file_sha256(root / name)]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise OverwriteError(f"{foreign[0]}{more}: exists and was not written by this project (not in "
@@ -184,7 +185,7 @@ def record_outputs(root: str | Path, names) -> None:
     Appends one line per file (the last line of a name wins), so a run killed midway keeps what it noted.
     """
     root = Path(root)
-    lines = "".join(json.dumps({"file": Path(name).as_posix(), "sha256": _sha256(root / name)}) + "\n"
+    lines = "".join(json.dumps({"file": Path(name).as_posix(), "sha256": file_sha256(root / name)}) + "\n"
                     for name in names)
     with open(root / OUTPUTS_MANIFEST, "a", encoding="utf-8") as handle:
         handle.write(lines)
