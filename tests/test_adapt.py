@@ -17,7 +17,7 @@ from torch import nn
 from rtda import adapt
 from rtda.adapt import pseudo_labels
 from rtda.config import AdaptConfig, from_dict, load_config
-from rtda.models.base import SegOutput
+from rtda.models.base import SegmentationModel, SegOutput
 from rtda.utils.files import load_checkpoint
 
 from conftest import straight_and_resumed, tiny_overrides
@@ -27,6 +27,9 @@ C = 5  # classes of the stand-in network
 
 class TinyNet(nn.Module):
     """A stand-in segmentation model: SegOutput at stride 2 in training, upsampled logits in eval."""
+
+    # the supervised loss of a real model, with the test configs' aux_weight
+    aux_weight, ohem, supervised_loss = 0.1, None, SegmentationModel.supervised_loss
 
     def __init__(self, aux: bool = True):
         super().__init__()

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtda import adapt
-from rtda.adapt.losses import segmentation_loss, upsampled_softmaxes
+from rtda.adapt.losses import upsampled_softmaxes
 from rtda.config import ConfigError, from_dict
 from rtda.engine import StepContext
 from rtda.evaluation.inference import Inference, predict_probs
 from rtda.models import build_model, deploy
 from rtda.models.base import SegmentationModel, SegOutput
+from rtda.models.losses import segmentation_loss
 
 CLASSES = 3
 

@@ -17,7 +17,8 @@ from torch import nn
 from rtda import adapt
 from rtda import engine as train
 from rtda.config import ConfigError, TrainConfig, from_dict, load_config
-from rtda.models.base import SegOutput
+from rtda.models import losses as seg_losses
+from rtda.models.base import SegmentationModel, SegOutput
 from rtda.utils.amp import AMP_CHOICES, amp_name, autocast, autocast_dtype, grad_scaler, load_scaler_state
 from rtda.utils.files import load_checkpoint
 
@@ -125,12 +126,12 @@ def test_entropy_and_weighted_losses_are_float32_under_autocast(dtype):
     output = SegOutput(logits, {"aux": logits * 0.5})
     with torch.autocast("cpu", dtype=dtype):
         ent = adapt.fda.entropy_loss(logits, 2.0, 1e-8)
-        weighted = adapt.losses.segmentation_loss(output, label, 0.1, weight=weight)
-        seg = adapt.losses.segmentation_loss(output, label, 0.1)
+        weighted = seg_losses.segmentation_loss(output, label, 0.1, weight=weight)
+        seg = seg_losses.segmentation_loss(output, label, 0.1)
     for value in (ent, weighted, seg):
         assert value.dtype == torch.float32 and value.isfinite()
     assert torch.allclose(ent, adapt.fda.entropy_loss(logits.float(), 2.0, 1e-8), rtol=1e-5)
-    assert torch.allclose(weighted, adapt.losses.segmentation_loss(
+    assert torch.allclose(weighted, seg_losses.segmentation_loss(
         SegOutput(logits.float(), {"aux": logits.float() * 0.5}), label, 0.1, weight=weight), rtol=1e-4)
 
 
@@ -150,6 +151,9 @@ def test_prediction_under_autocast_gives_float32_probabilities(dtype):
 
 # ---------------------------------------------------------------------------- the scaler in one step
 class TinyNet(nn.Module):
+    # the supervised loss of a real model, with the test configs' aux_weight
+    aux_weight, ohem, supervised_loss = 0.1, None, SegmentationModel.supervised_loss
+
     def __init__(self):
         super().__init__()
         self.body = nn.Conv2d(3, 8, 3, stride=2, padding=1)

@@ -1,17 +1,19 @@
 """Models: output contract, parameter counts, pretrained loading, frozen BN, deploy form, discriminators."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, resnet101
 
-from rtda.adapt.losses import segmentation_loss
 from rtda.config import ConfigError
 from rtda.models import SegOutput, build_model, deploy
 from rtda.models.base import CAFFE_BGR_MEAN, InputNorm
 from rtda.models.discriminator import build_discriminator
+from rtda.models.losses import segmentation_loss
 from rtda.models.resnet import resnet_features
 
 BN = nn.modules.batchnorm._BatchNorm
@@ -276,3 +278,20 @@ def test_discriminators():
         assert not any(isinstance(m, (BN, nn.Sigmoid)) for m in discriminator.modules())
     with pytest.raises(ValueError, match="'standard', 'light'"):
         build_discriminator("patch", 19)
+
+
+def test_ohem_keeps_the_hard_pixels_and_at_least_min_kept_of_them():
+    from rtda.models.losses import Ohem, pixel_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 4, (2, 6, 5), generator=g)
+    logits = torch.randn(2, 4, 6, 5, generator=g) + 3 * F.one_hot(label, 4).permute(0, 3, 1, 2)
+    label[0, :2] = 255
+    ce = F.cross_entropy(logits, label, ignore_index=255, reduction="none")[label != 255]
+    hard = ce[ce > -math.log(0.7)]
+    assert 0 < hard.numel() < ce.numel() - 8  # the case has both kinds of pixels
+    assert torch.allclose(pixel_cross_entropy(logits, label, False, ohem=Ohem(0.7, 1)), hard.mean())
+    top = ce.sort(descending=True).values[:hard.numel() + 8]  # min_kept above the hard count: the hardest ones
+    assert torch.allclose(pixel_cross_entropy(logits, label, False, ohem=Ohem(0.7, hard.numel() + 8)), top.mean())
+    assert torch.allclose(pixel_cross_entropy(logits, label, False, ohem=Ohem(0.7, 10_000)), ce.mean())  # all
+    assert torch.allclose(pixel_cross_entropy(logits, label, False, ohem=Ohem(1e-6)),  # a 16th of 50 = 3
+                          ce.sort(descending=True).values[:3].mean())

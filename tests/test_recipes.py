@@ -20,7 +20,7 @@ from rtda import adapt
 from rtda.adapt import pseudo_labels
 from rtda.config import ConfigError, from_dict, load_config
 from rtda.engine import StepContext, poly_schedule
-from rtda.models.base import SegOutput
+from rtda.models.base import SegmentationModel, SegOutput
 from rtda.models.resnet import DEEPLAB_INIT_FILES, load_backbone_weights
 from rtda.utils.files import load_checkpoint
 
@@ -59,6 +59,9 @@ def test_poly_horizon_below_the_stop_is_a_one_line_error():
 
 class TinySeg(nn.Module):
     """A stand-in segmentation model: SegOutput at stride 2 in training, upsampled logits in eval."""
+
+    # the supervised loss of a real model, with the test configs' aux_weight
+    aux_weight, ohem, supervised_loss = 0.1, None, SegmentationModel.supervised_loss
 
     def __init__(self, classes: int = 19, scale: float = 1.0):
         super().__init__()

@@ -125,10 +125,10 @@ def record_weighted_losses(monkeypatch, seen: list) -> None:
     """Record (label, weight) of each pixel-weighted segmentation loss that DACS and MIC compute."""
     real = adapt.losses.segmentation_loss
 
-    def recording(out, label, aux_weight, weight=None):
+    def recording(model, out, label, weight=None):
         if weight is not None:
             seen.append((label, weight))
-        return real(out, label, aux_weight, weight=weight)
+        return real(model, out, label, weight)
 
     for module in (adapt.dacs, adapt.mic):
         monkeypatch.setattr(module, "segmentation_loss", recording)
@@ -224,7 +224,7 @@ def test_feature_distance_reaches_only_the_student_backbone(resnet18_file):
         assert all(p.grad is None for p in strategy.teacher.parameters())
         grads[fd_lambda, "losses"] = set(losses)
     assert losses["fd"] > 0 and "fd" in grads[0.5, "losses"] and "fd" not in grads[0.0, "losses"]
-    frozen = strategy._fd.backbone
+    frozen = strategy._fd.frozen.backbone
     assert not any(p.requires_grad or p.grad is not None for p in frozen.parameters()) and not frozen.training
     reference = torch.load(resnet18_file, weights_only=True)
     assert all(torch.equal(v, reference[k]) for k, v in frozen.state_dict().items() if k in reference)

@@ -43,7 +43,7 @@ class MinEnt(Strategy):
     def training_step(self, model, source, target, ctx):
         cfg = self.cfg
         with ctx.autocast():
-            loss_seg = segmentation_loss(model(source["image"]), source["label"], cfg.model.aux_weight)
+            loss_seg = segmentation_loss(model, model(source["image"]), source["label"])
         ctx.backward(loss_seg)
         with ctx.autocast():
             out_t = model(target["image"])

@@ -43,10 +43,9 @@ class Adversarial(Strategy):
         self.gan_loss = F.binary_cross_entropy_with_logits if a.gan == "bce" else F.mse_loss
 
     def training_step(self, model, source, target, ctx):
-        cfg = self.cfg
         with ctx.autocast():
             out_s = model(source["image"])
-            loss_seg = segmentation_loss(out_s, source["label"], cfg.model.aux_weight)
+            loss_seg = segmentation_loss(model, out_s, source["label"])
         ctx.backward(loss_seg)
         with torch.no_grad(), ctx.autocast():  # what the discriminators see of the source: no graph needed
             probs_s = self._softmaxes(out_s, source["image"].shape[-2:])

@@ -13,7 +13,7 @@ from rtda.adapt.daformer import ImageNetFeatureDistance, protocol_pixels, pseudo
 from rtda.adapt.ema import ema_alpha, ema_update
 from rtda.adapt.losses import segmentation_loss
 from rtda.config import Config, ConfigError
-from rtda.models.base import align_corners_of, upsample
+from rtda.models.grid import align_corners_of, upsample
 
 
 class DACS(Strategy):
@@ -78,7 +78,7 @@ class DACS(Strategy):
         with ctx.autocast():
             with fd.capture() if fd else contextlib.nullcontext():
                 out_s = model(source["image"])
-            loss_src = segmentation_loss(out_s, source["label"], self.cfg.model.aux_weight)
+            loss_src = segmentation_loss(model, out_s, source["label"])
             loss_fd = fd(source["image"], source["label"]) if fd else None
         del out_s
         ctx.backward(loss_src if fd is None else loss_src + self.cfg.adapt.fd_lambda * loss_fd)
@@ -108,7 +108,7 @@ class DACS(Strategy):
         mixed_label = torch.where(mask, source["label"], pseudo)
         weight = torch.where(mask, torch.ones_like(confidence), target_weight)
         with ctx.autocast():
-            loss_mix = segmentation_loss(model(mixed), mixed_label, cfg.model.aux_weight, weight=weight)
+            loss_mix = segmentation_loss(model, model(mixed), mixed_label, weight)
         ctx.backward(a.mix_weight * loss_mix)
         return loss_mix
 

@@ -11,7 +11,6 @@ from torch import nn
 
 from rtda.config import ConfigError
 from rtda.datasets.labels import IGNORE_INDEX
-from rtda.models.resnet import resnet_features
 
 PROTOCOL_TARGET_HEIGHT = 512  # rows of a protocol target image (Cityscapes at 1024x512), where DAFormer and MIC
 #                               give their row and patch sizes
@@ -57,31 +56,33 @@ def feature_distance(features: torch.Tensor, reference: torch.Tensor, mask: torc
 
 
 class ImageNetFeatureDistance:
-    """DAFormer's thing-class ImageNet feature distance between the student's last backbone stage and that of a
-    frozen copy of the backbone as it was built (its ImageNet, or PATH, weights), on the source images.
+    """DAFormer's thing-class ImageNet feature distance between the student's bottleneck features (the output of
+    its `bottleneck_stage`, the last backbone stage) and those of a frozen copy of the model as it was built
+    (its ImageNet, or PATH, weights), on the source images.
 
-    The student's features come from its own source forward pass, caught by a forward hook on
-    `model.backbone.layer4` while `capture()` is on. The frozen copies are held outside the strategy's modules
-    on purpose: they are rebuilt identically from `model.pretrained`, so checkpoints do not carry them.
+    The student's features come from its own source forward pass, caught by a forward hook on that stage while
+    `capture()` is on. The frozen copy is held outside the strategy's modules on purpose: it is rebuilt
+    identically from `model.pretrained`, so checkpoints do not carry it.
     """
 
     def __init__(self, model: nn.Module, classes: list[int], min_ratio: float, num_classes: int):
-        stage = getattr(getattr(model, "backbone", None), "layer4", None)
-        if stage is None or not hasattr(model, "input_norm"):
-            raise ConfigError("adapt.fd_lambda > 0 needs a model with a ResNet backbone (model.backbone.layer4) "
-                              "and model.input_norm")
-        self.norm = copy.deepcopy(model.input_norm).eval()
-        self.backbone = copy.deepcopy(model.backbone).eval().requires_grad_(False)
+        path = getattr(model, "bottleneck_stage", None)
+        if path is None or not hasattr(model, "input_norm"):
+            raise ConfigError(f"adapt.fd_lambda > 0 compares ImageNet backbone features, which "
+                              f"{type(model).__name__} does not have (no pretrained backbone stage, "
+                              "`bottleneck_stage`); set adapt.fd_lambda: 0")
+        self.frozen = copy.deepcopy(model).eval().requires_grad_(False)  # copied before the hooks go on
         self.classes = torch.tensor(classes)
         self.min_ratio, self.num_classes = min_ratio, num_classes
-        store: dict = {}
+        self._store: dict = {}
+        self._hooks = [net.get_submodule(path).register_forward_hook(self._keeper(key))
+                       for net, key in ((model, "features"), (self.frozen, "reference"))]
 
+    def _keeper(self, key: str):
         def keep_output(module, inputs, output):  # a closure over a dict: copies of the model stay light
-            if store.get("on"):
-                store["features"] = output
-
-        self._store = store
-        self._hook = stage.register_forward_hook(keep_output)
+            if self._store.get("on"):
+                self._store[key] = output
+        return keep_output
 
     @contextlib.contextmanager
     def capture(self):
@@ -96,10 +97,10 @@ class ImageNetFeatureDistance:
         features = self._store.pop("features", None)
         if features is None:
             raise RuntimeError("ImageNetFeatureDistance: no features were caught; run the forward pass in capture()")
-        if self.norm.scale.device != images.device:
-            self.norm.to(images.device)
-            self.backbone.to(images.device)
-        with torch.no_grad():
-            reference = resnet_features(self.backbone, self.norm(images))[1]
+        if next(self.frozen.parameters()).device != images.device:
+            self.frozen.to(images.device)
+        with torch.no_grad(), self.capture():
+            self.frozen.forward_logits(self.frozen.input_norm(images), with_aux=False)
+        reference = self._store.pop("reference")
         mask = fd_class_mask(labels, features.shape[-2:], self.classes, self.min_ratio, self.num_classes)
         return feature_distance(features, reference, mask)

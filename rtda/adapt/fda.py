@@ -76,12 +76,12 @@ class FDA(Strategy):
                               f"{1 / min(width, height):.3g} or the image size (beta 0 turns the transfer off)")
 
     def training_step(self, model, source, target, ctx):
-        a, aux_weight = self.cfg.adapt, self.cfg.model.aux_weight
+        a = self.cfg.adapt
         if a.crop is not None:  # FDA's loader: a random crop of the resized GTA5 image, the target size
             source = random_crop(source, a.crop, step_random(self.cfg, ctx))
         styled = fda_source_to_target(source["image"], target["image"], a.beta)
         with ctx.autocast():
-            loss_seg = segmentation_loss(model(styled), source["label"], aux_weight)
+            loss_seg = segmentation_loss(model, model(styled), source["label"])
         ctx.backward(loss_seg)
         losses = {"seg": loss_seg.detach()}
 
@@ -98,7 +98,7 @@ class FDA(Strategy):
             if self.self_supervised:
                 if "label" not in target:
                     raise ValueError("data.target.pseudo_labels is set but the target batch has no `label`")
-                loss_pseudo = segmentation_loss(out_t, target["label"], aux_weight)
+                loss_pseudo = segmentation_loss(model, out_t, target["label"])
                 loss_t = loss_t + a.pseudo_weight * loss_pseudo
                 losses["pseudo"] = loss_pseudo.detach()
         ctx.backward(loss_t)

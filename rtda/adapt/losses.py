@@ -1,40 +1,26 @@
-"""Losses the strategies share: segmentation cross-entropy (plain or pixel-weighted), ADVENT's entropy maps,
+"""Losses the strategies share: the model's supervised loss (plain or pixel-weighted), ADVENT's entropy maps,
 the upsampled softmaxes multi-level methods feed on, and the zero term that keeps unused outputs in the graph."""
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
-from rtda.datasets.labels import IGNORE_INDEX
-from rtda.models.base import upsample
+from rtda.models.grid import upsample
 
 
-def segmentation_loss(output, label: torch.Tensor, aux_weight: float,
-                      weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of the main logits plus `aux_weight` times that of each auxiliary output, each upsampled
-    (bilinear, on the output's grid `output.align_corners`) to the label size [B, H, W] and computed in float32.
-    Pixels labelled 255 are ignored.
+def segmentation_loss(model, output, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The supervised loss of `model`'s training `output` against `label` [B, H, W] (255 ignored): the model's
+    own `supervised_loss` (its auxiliary and boundary terms, OHEM where its recipe has it), through a DDP wrapper.
 
     Without `weight`: the mean over the labelled pixels. With `weight` [B, H, W] (DACS's pixel-weighted form):
     the mean over *all* pixels of weight * CE, ignored pixels counting 0.
     """
-    size, grid = label.shape[-2:], output.align_corners
-    loss = _upsampled_ce(output.logits, label, size, weight, grid)
-    for aux_logits in output.aux.values():
-        loss = loss + aux_weight * _upsampled_ce(aux_logits, label, size, weight, grid)
-    return loss
-
-
-def _upsampled_ce(logits: torch.Tensor, label: torch.Tensor, size, weight: torch.Tensor | None,
-                  align_corners: bool) -> torch.Tensor:
-    if logits.shape[-2:] != size:
-        logits = upsample(logits, size, align_corners)
-    if weight is None:
-        return F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX)
-    ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="none")
-    return (ce * weight).mean()
+    net = getattr(model, "module", model)
+    if not hasattr(net, "supervised_loss"):
+        raise TypeError(f"{type(net).__name__} has no supervised_loss(output, label, weight): strategies train "
+                        "SegmentationModels (rtda/models/base.py)")
+    return net.supervised_loss(output, label, weight)
 
 
 def self_information(probs: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,6 @@ class MIC(DACS):
         keep = mixing.block_mask(pseudo.shape, self.mask_block, a.mask_ratio, images.device, gen)
         masked = torch.where(keep.bool(), augmented, self.zero_pixel.to(augmented.dtype))
         with ctx.autocast():
-            loss = segmentation_loss(model(masked), pseudo, self.cfg.model.aux_weight, weight=weight)
+            loss = segmentation_loss(model, model(masked), pseudo, weight)
         ctx.backward(a.mask_lambda * loss)
         return {"masked": loss.detach()}

@@ -17,6 +17,6 @@ class SourceOnly(Strategy):
     def training_step(self, model, source, target, ctx):
         with ctx.autocast():
             output = model(source["image"])
-            loss = segmentation_loss(output, source["label"], self.cfg.model.aux_weight)
+            loss = segmentation_loss(model, output, source["label"])
         ctx.backward(loss)
         return {"seg": loss.detach()}

@@ -63,6 +63,7 @@ RANGES = {
     "train.checkpoint_interval": "[1, inf)", "train.vis_images": "[0, inf)", "train.accumulate": "[1, inf)",
     "train.keep_every": "[0, inf)",
     "eval.batch_size": "[1, inf)", "model.num_classes": "[1, inf)", "model.aux_weight": "[0, inf)",
+    "model.ohem_thresh": "(0, 1]", "model.ohem_min_kept": "[1, inf)",
     "adapt.lambda_adv": "[0, inf)", "adapt.lambda_adv_aux": "[0, inf)", "adapt.d_lr": "[0, inf)",
     "adapt.beta": "[0, 0.5)", "adapt.entropy_weight": "[0, inf)", "adapt.entropy_start": "[0, inf)",
     "adapt.pseudo_weight": "[0, inf)", "adapt.pseudo_percentile": "[0, 1]", "adapt.pseudo_cap": "[0, 1]",

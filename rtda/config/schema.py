@@ -135,6 +135,11 @@ class ModelConfig:
     # DeepLabV2: extra classifier on layer3 (multi-level training)
     aux_head: bool = field(default=False, metadata=STRUCTURE)
     aux_weight: float = 1.0  # weight of each auxiliary segmentation loss
+    # Online hard example mining on the labelled losses (BiSeNetV2, STDC, DDRNet, PIDNet): the mean CE over the
+    # pixels whose label probability is below `ohem_thresh`, at least `ohem_min_kept` of them per batch
+    # (null: a 16th of the labelled pixels). null = plain cross-entropy.
+    ohem_thresh: float | None = None
+    ohem_min_kept: int | None = None
     # How logits and softmaxes are resized (bilinear) everywhere: the model's output, the losses, evaluation and
     # pseudo-labels (images keep align_corners=False, labels nearest). `true` is the caffe DeepLab grid that
     # AdaptSegNet, ADVENT, FDA and DACS upsample with; DAFormer and MIC (mmseg) use false.

@@ -17,8 +17,8 @@ from torch import nn
 
 from rtda.config import Config, ConfigError
 from rtda.evaluation.metrics import update_confusion
-from rtda.models.base import align_corners_of, upsample
 from rtda.models.export import OnnxModel, is_onnx_file
+from rtda.models.grid import align_corners_of, upsample
 from rtda.utils.amp import autocast
 from rtda.utils.distributed import all_reduce_sum
 

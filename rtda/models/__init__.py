@@ -20,6 +20,7 @@ from rtda.models.bisenet import BiSeNet
 from rtda.models.checkpoints import backbone_name, describe, load_trained_weights
 from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.deploy import deploy
+from rtda.models.losses import Ohem
 from rtda.models.resnet import load_backbone_weights
 
 __all__ = ["MODELS", "SegOutput", "SegmentationModel", "backbone_name", "build_model", "build_untrained", "deploy",
@@ -56,9 +57,12 @@ def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
         raise ConfigError("model.pretrained = imagenet loads torchvision weights, which need "
                          "model.resnet_variant: v1.5 and model.input_norm: imagenet")
     model = MODELS[cfg.name](cfg)
-    model.align_corners = cfg.align_corners  # the logits' resize grid (SegmentationModel.__init__ says why here)
+    # the logits' resize grid and the supervised loss's recipe (SegmentationModel.__init__ says why here)
+    model.align_corners, model.aux_weight = cfg.align_corners, cfg.aux_weight
+    model.ohem = None if cfg.ohem_thresh is None else Ohem(cfg.ohem_thresh, cfg.ohem_min_kept)
     caffe_setup = cfg.resnet_variant == "v1" and cfg.input_norm == "caffe"
-    load_backbone_weights(model.backbone, cfg.pretrained, backbone_name(cfg), caffe_setup)
+    load_backbone_weights(model.backbone, cfg.pretrained, backbone_name(cfg), caffe_setup,
+                          convert=model.convert_pretrained)
     return model
 
 

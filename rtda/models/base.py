@@ -10,8 +10,10 @@ import abc
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from rtda.models.grid import upsample
+from rtda.models.losses import Ohem, segmentation_loss
 
 
 class SegOutput(NamedTuple):
@@ -60,18 +62,6 @@ class InputNorm(nn.Module):
         return self.mode
 
 
-def upsample(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
-    """The bilinear resize of logits and softmaxes everywhere (the models' outputs, the losses, evaluation), on
-    the model's grid `align_corners` (`align_corners_of(model)`); feature maps inside a model keep False."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
-
-
-def align_corners_of(model: nn.Module) -> bool:
-    """The grid `model` resizes its logits on: its `align_corners` (through a DDP wrapper); False, the project's
-    default grid, for a module without one (a stand-in, an ONNX file exported before the option)."""
-    return bool(getattr(getattr(model, "module", model), "align_corners", False))
-
-
 class SegmentationModel(nn.Module, abc.ABC):
     """Base class: subclasses set `backbone` and `aux_heads` and implement `forward_logits`."""
 
@@ -85,6 +75,10 @@ class SegmentationModel(nn.Module, abc.ABC):
         # uses it, its training output carries it to the losses (SegOutput) and evaluation reads it from the model
         # (align_corners_of), so no strategy or evaluator reads the config for it and none can disagree.
         self.align_corners = False
+        # The supervised loss's recipe, set by build_model from the config like `align_corners`: the weight of
+        # each auxiliary segmentation loss and OHEM (None: plain cross-entropy).
+        self.aux_weight = 1.0
+        self.ohem: Ohem | None = None
 
     @abc.abstractmethod
     def forward_logits(self, x: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -95,6 +89,21 @@ class SegmentationModel(nn.Module, abc.ABC):
         if self.training:
             return SegOutput(logits, aux, self.align_corners)
         return upsample(logits, images.shape[-2:], self.align_corners)
+
+    def supervised_loss(self, output: SegOutput, label: torch.Tensor,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss this network trains with on a labelled batch (`label` [B, H, W], 255 ignored; `weight`
+        [B, H, W] for a pixel-weighted pseudo-label loss): cross-entropy of the main logits plus `aux_weight`
+        times that of each auxiliary output, OHEM with `ohem`. Networks with other heads (boundary, detail)
+        override it, computing their extra targets from `label` on its device."""
+        return segmentation_loss(output, label, self.aux_weight, weight, self.ohem)
+
+    # `convert_pretrained(state, path) -> backbone state`: a network whose authors publish their own ImageNet
+    # files maps those keys onto `self.backbone` (rtda.models.resnet.load_backbone_weights); None = torchvision's.
+    convert_pretrained = None
+    # The module (a path under the model) whose output is the backbone's bottleneck features, which DAFormer's
+    # ImageNet feature distance compares (rtda/adapt/daformer.py); None for a network trained from scratch.
+    bottleneck_stage: str | None = None
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: the (pretrained) backbone and the new modules (trained at a higher LR)."""

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rtda.models.base import SegmentationModel, freeze_bn_affine, upsample
+from rtda.models.base import SegmentationModel, freeze_bn_affine
+from rtda.models.grid import upsample
 from rtda.models.resnet import RESNETS, build_resnet, resnet_features
 
 
@@ -57,6 +58,8 @@ class FeatureFusion(nn.Module):
 
 
 class BiSeNet(SegmentationModel):
+    bottleneck_stage = "backbone.layer4"
+
     def __init__(self, backbone: str = "resnet18", num_classes: int = 19, freeze_bn: bool = False,
                  resnet_variant: str = "v1.5", input_norm: str = "imagenet"):
         super().__init__(input_norm)

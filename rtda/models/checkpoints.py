@@ -18,13 +18,18 @@ from rtda.utils.files import load_checkpoint, model_state_from_checkpoint
 
 
 def backbone_name(model_cfg: ModelConfig) -> str:
-    """The backbone `model_cfg` builds: DeepLabV2 is defined on ResNet-101 (`model.backbone` is BiSeNet's choice)."""
-    return "resnet101" if model_cfg.name == "deeplabv2" else model_cfg.backbone
+    """The backbone `model_cfg` builds: DeepLabV2 is defined on ResNet-101, `model.backbone` is BiSeNet's choice,
+    and every other network has its own (named as the network)."""
+    if model_cfg.name == "deeplabv2":
+        return "resnet101"
+    return model_cfg.backbone if model_cfg.name == "bisenet" else model_cfg.name
 
 
 def describe(model_cfg: ModelConfig) -> str:
     """The model a config builds, as errors name it: 'deeplabv2/resnet101 with 19 classes'."""
-    return f"{model_cfg.name}/{backbone_name(model_cfg)} with {model_cfg.num_classes} classes"
+    backbone = backbone_name(model_cfg)
+    name = model_cfg.name if backbone == model_cfg.name else f"{model_cfg.name}/{backbone}"
+    return f"{name} with {model_cfg.num_classes} classes"
 
 
 def describe_state(state: dict) -> str:

@@ -35,6 +35,8 @@ class ASPPClassifier(nn.Module):
 
 
 class DeepLabV2(SegmentationModel):
+    bottleneck_stage = "backbone.layer4"
+
     def __init__(self, num_classes: int = 19, aspp_dilations: tuple[int, ...] = (6, 12, 18, 24),
                  aux_head: bool = False, freeze_bn: bool = True, resnet_variant: str = "v1.5",
                  input_norm: str = "imagenet"):

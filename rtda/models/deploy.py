@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from rtda.models.base import SegmentationModel, upsample
+from rtda.models.base import SegmentationModel
+from rtda.models.grid import upsample
 
 _BN = nn.modules.batchnorm._BatchNorm
 

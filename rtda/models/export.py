@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from rtda.config import ConfigError, load_config
-from rtda.models.base import align_corners_of
+from rtda.models.grid import align_corners_of
 from rtda.utils.files import (
     CheckpointError,
     OverwriteError,

@@ -10,6 +10,7 @@ of the caffe-converted DeepLab ResNet files.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,8 +75,13 @@ def resnet_features(net: tv_resnet.ResNet, x: torch.Tensor) -> tuple[torch.Tenso
     return x, net.layer4(x)
 
 
-def load_backbone_weights(net: nn.Module, pretrained: str, name: str, caffe_setup: bool = False) -> int:
+def load_backbone_weights(net: nn.Module, pretrained: str, name: str, caffe_setup: bool = False,
+                          convert: Callable[[dict, str], dict] | None = None) -> int:
     """Load `pretrained` (`none`, `imagenet` or a file path) into `net`; return the number of tensors loaded.
+
+    `convert(state, path)`, for backbones whose authors publish their own ImageNet files (STDC, DDRNet, PIDNet),
+    maps the file's keys onto `net`'s (raising ConfigError, naming the file and what it holds, when they do not
+    fit); those backbones have no torchvision weights, so `imagenet` is an error that names the file to get.
 
     Every backbone tensor must be present with its shape, and no unknown tensor may be left over: a partial
     load is an error, never a warning. BN `num_batches_tracked` counters may be absent (old files lack them).
@@ -84,6 +90,12 @@ def load_backbone_weights(net: nn.Module, pretrained: str, name: str, caffe_setu
     """
     if pretrained == "none":
         return 0
+    if convert is not None:
+        if pretrained == "imagenet":
+            raise ConfigError(f"model.pretrained = imagenet: torchvision has no {name} weights; set model.pretrained "
+                              f"to the authors' ImageNet file (README, 'Pretrained weights')")
+        state = convert(_read_state_dict(Path(pretrained)), pretrained)
+        return _load_checked(net, state, name, pretrained)
     if pretrained == "imagenet":
         state, source = _torchvision_imagenet_state(name), f"torchvision ImageNet weights of {name}"
     else:
@@ -91,7 +103,11 @@ def load_backbone_weights(net: nn.Module, pretrained: str, name: str, caffe_setu
         if not caffe_setup and any(k.startswith(("Scale.", "layer5.")) for k in state):
             raise ConfigError(f"model.pretrained = {source}: a caffe-converted DeepLab file; set "
                              "model.resnet_variant: v1 and model.input_norm: caffe to match its weights")
-    state = _backbone_entries(state)
+    return _load_checked(net, _backbone_entries(state), name, source)
+
+
+def _load_checked(net: nn.Module, state: dict, name: str, source: str) -> int:
+    """Load `state` into `net` when every tensor is there with its shape and nothing else is; else ConfigError."""
     expected = net.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
