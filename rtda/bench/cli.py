@@ -10,6 +10,7 @@ and the synthetic experiments.
     python benchmark.py adaptation-table --work-dir runs/benchmark_adaptation --seeds 0 1 2 [overrides]
     python benchmark.py step-cost --configs A.yaml B.yaml [--rounds 3] [--iters 2]
     python benchmark.py pretrain-synthetic runs/synthetic_pretrained/resnet18.pt
+    python benchmark.py zoo [--configs A.yaml B.yaml] [--size 512x1024] [--forms eager,deploy,onnxruntime]
 
 `python benchmark.py SUBCOMMAND --help` lists that subcommand's options. The old spellings (`--config X
 [--train-step | --data]`, `--runs`, `--gpu-check`, `--adaptation-table`, `--step-cost`, `--pretrain-synthetic`)
@@ -180,9 +181,27 @@ def main_pretrain_synthetic(args) -> int:
     return 0
 
 
+def main_zoo(args) -> int:
+    from rtda.bench.latency import parse_variants
+    from rtda.bench.zoo import benchmark_zoo, default_configs, format_zoo
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    result = benchmark_zoo([Path(c) for c in args.configs] if args.configs else default_configs(),
+                           parse_size(args.size) if args.size else THESIS_SIZE, device, args.iters or (100 if cuda else 6),
+                           warmup, parse_variants(args.forms or "eager,deploy,onnxruntime", device))
+    print(json.dumps(result, indent=1) if args.json else format_zoo(result))
+    return 0
+
+
 HANDLERS = {"model": main_model, "train-step": main_train_step, "data": main_data, "tables": main_tables,
             "gpu-check": main_gpu_check, "adaptation-table": main_adaptation_table, "step-cost": main_step_cost,
-            "pretrain-synthetic": main_pretrain_synthetic}
+            "pretrain-synthetic": main_pretrain_synthetic, "zoo": main_zoo}
 
 
 def build_parser() -> argparse.ArgumentParser:

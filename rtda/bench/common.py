@@ -8,7 +8,10 @@ from rtda.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THESIS_SIZE = (512, 1024)  # (H, W): the size of the course's FLOPs and latency numbers
-MODEL_NAMES = {"deeplabv2": "DeepLabV2", "bisenet": "BiSeNet"}
+# how tables and plots print `model.name` (a name not listed prints as it is)
+MODEL_NAMES = {"deeplabv2": "DeepLabV2", "bisenet": "BiSeNet", "bisenetv2": "BiSeNetV2", "stdc1": "STDC1-Seg",
+               "stdc2": "STDC2-Seg", "ddrnet23_slim": "DDRNet-23-slim", "ddrnet23": "DDRNet-23",
+               "pidnet_s": "PIDNet-S", "pidnet_m": "PIDNet-M"}
 BACKBONE_NAMES = {"resnet18": "R18", "resnet101": "R101"}
 
 
@@ -43,6 +46,8 @@ def without_pretrained(model_cfg):
 
 
 def model_label(model_cfg) -> str:
-    """'BiSeNet-R18': the model and backbone names the tables and reports print."""
-    name = MODEL_NAMES.get(model_cfg.name, model_cfg.name)
-    return f"{name}-{BACKBONE_NAMES.get(model_cfg.backbone, model_cfg.backbone)}"
+    """'BiSeNet-R18', 'PIDNet-S': the model (and, where the config chooses it, backbone) names tables print."""
+    from rtda.models.checkpoints import backbone_name
+
+    name, backbone = MODEL_NAMES.get(model_cfg.name, model_cfg.name), backbone_name(model_cfg)
+    return name if backbone == model_cfg.name else f"{name}-{BACKBONE_NAMES.get(backbone, backbone)}"

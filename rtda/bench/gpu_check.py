@@ -24,6 +24,7 @@ from rtda.bench import reports
 from rtda.bench.common import REPO_ROOT, THESIS_SIZE, BenchmarkError, build_model, without_pretrained
 from rtda.bench.latency import autocast_context, time_variants
 from rtda.bench.train_cost import benchmark_train_step
+from rtda.bench.zoo import DEFAULT_CONFIGS as ZOO_CONFIGS
 from rtda.config import Config, load_config
 from rtda.datasets.fake_layout import write_layout_tree
 from rtda.utils.env import environment
@@ -42,7 +43,9 @@ FIT_RULE = "1.1 * max_memory_allocated + 0.5 GiB <= 15,360 MiB (16GB: T4) / 23,0
 STORED_HW = {"gta5": (1052, 1914), "cityscapes": (1024, 2048)}  # (H, W) of the released files
 TINY_HW = (32, 64)  # --tiny (a CPU smoke test of the check itself): every size the runs read ...
 TINY_STORED_HW = {"gta5": (64, 128), "cityscapes": (64, 128)}  # ... and the files written
-LATENCY_MODELS = {"bisenet_r18": "cityscapes_bisenet.yaml", "deeplabv2_r101": "cityscapes_deeplabv2.yaml"}
+# the course's two models and every zoo network (rtda/bench/zoo.py), by their supervised Cityscapes config
+LATENCY_MODELS = {"bisenet_r18": "cityscapes_bisenet.yaml", "deeplabv2_r101": "cityscapes_deeplabv2.yaml",
+                  **{n.removeprefix("cityscapes_"): f"{n}.yaml" for n in ZOO_CONFIGS if n != "cityscapes_bisenet"}}
 DDP_CONFIG = "gta5_bisenet_adv.yaml"  # DDP with a strategy-owned optimiser (the discriminator's)
 FP16_CONFIG = "gta5_bisenet_adv.yaml"  # also timed under forced fp16: the GradScaler path a T4 takes, on CUDA
 
@@ -160,13 +163,16 @@ def check_config(path: Path, device: torch.device, roots: dict, work_dir: Path, 
 
 def check_latency(device: torch.device, size: tuple[int, int] = THESIS_SIZE,
                   calls: tuple[int, int] = GPU_CHECK_LATENCY) -> dict:
-    """Eager, deploy and deploy under autocast (amp auto's dtype) of both models, batch 1, alternating rounds."""
+    """Eager, deploy and deploy under autocast (amp auto's dtype) of every model of LATENCY_MODELS whose config
+    exists, batch 1, alternating rounds."""
     from rtda import models
     from rtda.utils.amp import amp_name, autocast_dtype
 
     amp = autocast_dtype("auto", device)
     out = {}
     for name, config in LATENCY_MODELS.items():
+        if not (REPO_ROOT / "configs" / config).is_file():
+            continue
         model_cfg = without_pretrained(load_config(REPO_ROOT / "configs" / config).model)
         model = build_model(model_cfg, config).to(device).eval()
         deployed = models.deploy(model)

@@ -68,6 +68,12 @@ STEP_COST = [opt("--configs", dest="step_cost", nargs="+", required=True, metava
              OVERRIDES,
              opt("--rounds", type=int, default=3, help="interleaved rounds"),
              opt("--iters", type=int, help="timed steps per config and round (default 2)"), THREADS]
+ZOO = [opt("--configs", nargs="+", metavar="CONFIG", help="configs whose models to measure; the first is the "
+           "ratio's reference (default: configs/cityscapes_<net>.yaml of BiSeNet-R18 and every zoo network)"),
+       opt("--size", help="HEIGHTxWIDTH (default 512x1024)"), DEVICE,
+       opt("--iters", type=int, help="timed calls per model and form (default 100 on cuda, 6 on cpu)"),
+       opt("--warmup", type=int, help=WARMUP_HELP), THREADS,
+       opt("--forms", metavar="A,B,...", help="forms of each model (default eager,deploy,onnxruntime)"), JSON]
 PRETRAIN = [opt("pretrain_synthetic", metavar="FILE.pt", help="where the backbone's weights go"), OVERRIDES,
             opt("--iters", type=int, help=f"steps (default {PRETRAIN_DEFAULTS['steps']})"),
             opt("--batch-size", type=int, help=f"images per step (default {PRETRAIN_DEFAULTS['batch']})"), THREADS]
@@ -83,6 +89,8 @@ SUBCOMMANDS = {
                          "them (resumable: finished runs are reused)", ADAPTATION_TABLE),
     "step-cost": ("training-step time of configs as a ratio to the first, in interleaved --rounds of --iters "
                   "steps", STEP_COST),
+    "zoo": ("every network's parameters, FLOPs and latency per form, all timed in the same alternating rounds",
+            ZOO),
     "pretrain-synthetic": ("pretrain the synthetic rows' backbone on randomised scenes (the benchmark's stand-in "
                            "for ImageNet weights) and write it to FILE.pt", PRETRAIN),
 }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtda.bench.common import MODEL_NAMES, BenchmarkError, model_label, without_pretrained
+from rtda.bench.common import BenchmarkError, model_label, without_pretrained
 from rtda.bench.model_cost import complexity_from_config
 from rtda.config import AUGMENTATIONS, NOT_RESULT_KEYS, Config, ConfigError, flatten, from_dict
 
@@ -267,16 +267,23 @@ def build_tables(runs: list[Run], which: str = "all", metric: str = "final",
             if not groups:
                 continue
             if key == "cityscapes":
-                for model_name, number in (("deeplabv2", 1), ("bisenet", 2)):
-                    model_groups = [g for g in groups if g[0].cfg.model.name == model_name]
-                    if model_groups:
-                        tables.append(_complexity_table(key, number, model_name, model_groups, usable, cache,
-                                                        metric, synthetic, problems))
-                        tables[-1].notes += _resume_notes(model_groups) + _duplicate_notes(model_groups)
+                for title, model_groups in _complexity_groups(groups):
+                    tables.append(_complexity_table(key, title, model_groups, usable, cache, metric, synthetic,
+                                                    problems))
+                    tables[-1].notes += _resume_notes(model_groups) + _duplicate_notes(model_groups)
             else:
                 tables.append(_class_table(key, groups, classes, metric, synthetic))
                 tables[-1].notes += _resume_notes(groups) + _duplicate_notes(groups)
     return tables
+
+
+def _complexity_groups(groups: list[list[Run]]) -> list[tuple[str, list[list[Run]]]]:
+    """The Cityscapes tables: 1 DeepLabV2, 2 BiSeNet (the course's), 2b every other (real-time) network."""
+    by_name = {name: [g for g in groups if g[0].cfg.model.name == name] for name in ("deeplabv2", "bisenet")}
+    others = [g for g in groups if g[0].cfg.model.name not in by_name]
+    titled = [("Table 1: DeepLabV2", by_name["deeplabv2"]), ("Table 2: BiSeNet", by_name["bisenet"]),
+              ("Table 2b: real-time networks", others)]
+    return [(f"{title} on Cityscapes", found) for title, found in titled if found]
 
 
 def _data_note(synthetic: bool) -> str:
@@ -290,8 +297,8 @@ def _flop_cells(flops: dict) -> tuple[float | None, float | None]:
     return flops["gmacs"], (flops.get("fvcore") or {}).get("gmacs")
 
 
-def _complexity_table(key, number, model_name, groups, all_runs, cache, metric, synthetic, problems) -> Table:
-    table = Table(key, f"Table {number}: {MODEL_NAMES[model_name]} on Cityscapes{_data_note(synthetic)}",
+def _complexity_table(key, title, groups, all_runs, cache, metric, synthetic, problems) -> Table:
+    table = Table(key, f"{title}{_data_note(synthetic)}",
                   ["Model", "Seeds", "mIoU", "Latency (ms)", "FPS", "FLOPs (G MACs, FlopCounterMode)",
                    "FLOPs (G MACs, fvcore)", "Params (M)", "Input"],
                   synthetic=synthetic)
