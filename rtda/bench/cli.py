@@ -11,6 +11,7 @@ and the synthetic experiments.
     python benchmark.py step-cost --configs A.yaml B.yaml [--rounds 3] [--iters 2]
     python benchmark.py pretrain-synthetic runs/synthetic_pretrained/resnet18.pt
     python benchmark.py zoo [--configs A.yaml B.yaml] [--size 512x1024] [--forms eager,deploy,onnxruntime]
+    python benchmark.py zoo-table --work-dir runs/zoo_synthetic [--latency zoo.json] [--jobs 2]
 
 `python benchmark.py SUBCOMMAND --help` lists that subcommand's options. The old spellings (`--config X
 [--train-step | --data]`, `--runs`, `--gpu-check`, `--adaptation-table`, `--step-cost`, `--pretrain-synthetic`)
@@ -199,9 +200,22 @@ def main_zoo(args) -> int:
     return 0
 
 
+def main_zoo_table(args) -> int:
+    from rtda.experiments.zoo_table import run_zoo_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        print(run_zoo_table(Path(args.work_dir), args.seed, args.overrides, args.latency, args.jobs, args.threads))
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:  # data, checkpoint, divergence
+        raise BenchmarkError(str(exc)) from None
+    return 0
+
+
 HANDLERS = {"model": main_model, "train-step": main_train_step, "data": main_data, "tables": main_tables,
             "gpu-check": main_gpu_check, "adaptation-table": main_adaptation_table, "step-cost": main_step_cost,
-            "pretrain-synthetic": main_pretrain_synthetic, "zoo": main_zoo}
+            "pretrain-synthetic": main_pretrain_synthetic, "zoo": main_zoo,
+            "zoo-table": main_zoo_table}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,12 @@ ZOO = [opt("--configs", nargs="+", metavar="CONFIG", help="configs whose models 
        opt("--iters", type=int, help="timed calls per model and form (default 100 on cuda, 6 on cpu)"),
        opt("--warmup", type=int, help=WARMUP_HELP), THREADS,
        opt("--forms", metavar="A,B,...", help="forms of each model (default eager,deploy,onnxruntime)"), JSON]
+ZOO_TABLE = [OVERRIDES,
+             opt("--work-dir", default="runs/zoo_synthetic", help="run folders, table.md and miou_latency.png"),
+             opt("--seed", type=int, default=0, help="the one seed of every run"),
+             opt("--latency", type=Path, metavar="ZOO.json", help="`benchmark.py zoo --json` output: the latency "
+                 "column and the plot"),
+             opt("--jobs", type=int, default=1, help="trainings side by side (as adaptation-table)"), THREADS]
 PRETRAIN = [opt("pretrain_synthetic", metavar="FILE.pt", help="where the backbone's weights go"), OVERRIDES,
             opt("--iters", type=int, help=f"steps (default {PRETRAIN_DEFAULTS['steps']})"),
             opt("--batch-size", type=int, help=f"images per step (default {PRETRAIN_DEFAULTS['batch']})"), THREADS]
@@ -91,6 +97,8 @@ SUBCOMMANDS = {
                   "steps", STEP_COST),
     "zoo": ("every network's parameters, FLOPs and latency per form, all timed in the same alternating rounds",
             ZOO),
+    "zoo-table": ("train source-only, DACS and the oracle of every network on the synthetic domains (one seed) "
+                  "and tabulate them against CPU latency", ZOO_TABLE),
     "pretrain-synthetic": ("pretrain the synthetic rows' backbone on randomised scenes (the benchmark's stand-in "
                            "for ImageNet weights) and write it to FILE.pt", PRETRAIN),
 }
