@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: env test demo benchmark-synthetic clean-runs gpu-check gpu-wheels
+.PHONY: env test demo benchmark-synthetic zoo-latency zoo-synthetic clean-runs gpu-check gpu-wheels
 
 env: $(STAMP)
 
@@ -56,6 +56,17 @@ $(BENCH_PRETRAINED): | $(STAMP)
 benchmark-synthetic: $(STAMP) $(BENCH_PRETRAINED)
 	$(PYTHON) benchmark.py adaptation-table --work-dir runs/benchmark_adaptation --seeds 0 1 2 --ssl --jobs $(BENCH_JOBS) \
 	  model.pretrained=$(BENCH_PRETRAINED) \
+	  data.source.root=$(BENCH_ROOT) data.target.root=$(BENCH_ROOT) data.val.root=$(BENCH_ROOT) train.workers=0
+
+# The real-time networks: CPU latency of every network at 512x1024 in its eager, deploy and ONNX Runtime forms,
+# timed in one run (docs/benchmarks.md), then source-only, DACS and the oracle of each on the synthetic domains,
+# one seed, from scratch (docs/results/synthetic.md).
+zoo-latency: $(STAMP)
+	mkdir -p runs && $(PYTHON) benchmark.py zoo --out runs/zoo_latency.json
+
+zoo-synthetic: $(STAMP)
+	$(PYTHON) benchmark.py zoo-table --work-dir runs/zoo_synthetic --jobs $(BENCH_JOBS) \
+	  $(if $(wildcard runs/zoo_latency.json),--latency runs/zoo_latency.json) \
 	  data.source.root=$(BENCH_ROOT) data.target.root=$(BENCH_ROOT) data.val.root=$(BENCH_ROOT) train.workers=0
 
 clean-runs:

@@ -34,7 +34,7 @@ from rtda.bench.common import THESIS_SIZE, BenchmarkError, parse_size
 from rtda.bench.options import SUBCOMMANDS, add_options
 from rtda.config import ConfigError, load_config
 from rtda.experiments import ExperimentError
-from rtda.utils.files import OverwriteError, check_overwrite, record_outputs
+from rtda.utils.files import OverwriteError, atomic_write_text, check_overwrite, record_outputs
 
 
 def _config_run(args) -> tuple:
@@ -196,6 +196,8 @@ def main_zoo(args) -> int:
     result = benchmark_zoo([Path(c) for c in args.configs] if args.configs else default_configs(),
                            parse_size(args.size) if args.size else THESIS_SIZE, device, args.iters or (100 if cuda else 6),
                            warmup, parse_variants(args.forms or "eager,deploy,onnxruntime", device))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1) if args.json else format_zoo(result))
     return 0
 

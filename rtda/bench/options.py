@@ -73,7 +73,8 @@ ZOO = [opt("--configs", nargs="+", metavar="CONFIG", help="configs whose models 
        opt("--size", help="HEIGHTxWIDTH (default 512x1024)"), DEVICE,
        opt("--iters", type=int, help="timed calls per model and form (default 100 on cuda, 6 on cpu)"),
        opt("--warmup", type=int, help=WARMUP_HELP), THREADS,
-       opt("--forms", metavar="A,B,...", help="forms of each model (default eager,deploy,onnxruntime)"), JSON]
+       opt("--forms", metavar="A,B,...", help="forms of each model (default eager,deploy,onnxruntime)"), JSON,
+       opt("--out", type=Path, metavar="ZOO.json", help="also write the JSON there (zoo-table's --latency)")]
 ZOO_TABLE = [OVERRIDES,
              opt("--work-dir", default="runs/zoo_synthetic", help="run folders, table.md and miou_latency.png"),
              opt("--seed", type=int, default=0, help="the one seed of every run"),
