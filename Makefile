@@ -14,7 +14,7 @@ $(STAMP): requirements.txt requirements-ci.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=30 tests
 
 # The synthetic demo: generate the two domains (first use), train BiSeNet-R18 source-only and the oracle
 # (the same network trained on the labelled target) side by side, one torch thread each (on 2 cores that is
