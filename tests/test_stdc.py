@@ -132,3 +132,9 @@ def test_a_file_of_another_network_is_one_line_naming_what_it_holds(tmp_path):
     assert "\n" not in message and "'conv1.weight'" in message and "STDCNet813" in message
     with pytest.raises(ConfigError, match="not a STDCNet813 ImageNet checkpoint"):
         build_model({"name": "stdc1", "pretrained": str(official_imagenet_file("stdc2", tmp_path / "s2.tar"))})
+
+
+def test_aux_head_is_a_deeplab_option_and_one_line_for_stdc():
+    with pytest.raises(ConfigError, match="model.aux_head is a DeepLabV2 option") as err:
+        build_model({"name": "stdc2", "aux_head": True})
+    assert "\n" not in str(err.value)
