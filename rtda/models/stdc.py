@@ -97,21 +97,20 @@ class STDCNet(nn.Module):
                 blocks.append(CatBottleneck(in_channels, out_channels, 2 if j == 0 else 1))
                 in_channels = out_channels
         self.features = nn.Sequential(*blocks)
-        ends = [1, 2] + [2 + sum(layout[:i + 1]) for i in range(3)]  # features[:end] reaches 1/2 ... 1/32
-        self.stage_ends = ends
+        # features[:end] reaches 1/8, 1/16, 1/32 (the official x8, x16, x32 slices)
+        self.stage_ends = [2 + sum(layout[:i + 1]) for i in range(3)]
         for m in self.modules():  # init_params: the backbone's initialisation without ImageNet weights
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The 1/8, 1/16 and 1/32 features (256, 512, 1024 channels)."""
-        feats, start = [], 0
-        for end in self.stage_ends:
-            for block in self.features[start:end]:
-                x = block(x)
-            feats.append(x)
-            start = end
-        return feats[2:]
+        feats = []
+        for i, block in enumerate(self.features, start=1):
+            x = block(x)
+            if i in self.stage_ends:
+                feats.append(x)
+        return feats
 
 
 class AttentionRefinement(nn.Module):
