@@ -22,6 +22,7 @@ from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.deploy import deploy
 from rtda.models.losses import Ohem
 from rtda.models.resnet import load_backbone_weights
+from rtda.models.stdc import STDCSeg
 
 __all__ = ["MODELS", "SegOutput", "SegmentationModel", "backbone_name", "build_model", "build_untrained", "deploy",
            "describe", "load_trained_weights"]
@@ -41,7 +42,13 @@ def build_bisenet(cfg: ModelConfig) -> BiSeNet:
                    resnet_variant=cfg.resnet_variant, input_norm=cfg.input_norm)
 
 
-MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet}
+def build_stdc(cfg: ModelConfig) -> STDCSeg:
+    if cfg.aux_head:
+        raise ConfigError("model.aux_head is a DeepLabV2 option; STDC-Seg always has its aux and detail heads")
+    return STDCSeg(cfg.name, cfg.num_classes, freeze_bn=bool(cfg.freeze_bn), input_norm=cfg.input_norm)
+
+
+MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet, "stdc1": build_stdc, "stdc2": build_stdc}
 
 
 def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
