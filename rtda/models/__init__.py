@@ -21,6 +21,7 @@ from rtda.models.checkpoints import backbone_name, describe, load_trained_weight
 from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.deploy import deploy
 from rtda.models.losses import Ohem
+from rtda.models.pidnet import PIDNet
 from rtda.models.resnet import load_backbone_weights
 
 __all__ = ["MODELS", "SegOutput", "SegmentationModel", "backbone_name", "build_model", "build_untrained", "deploy",
@@ -41,7 +42,13 @@ def build_bisenet(cfg: ModelConfig) -> BiSeNet:
                    resnet_variant=cfg.resnet_variant, input_norm=cfg.input_norm)
 
 
-MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet}
+def build_pidnet(cfg: ModelConfig) -> PIDNet:
+    if cfg.aux_head:
+        raise ConfigError("model.aux_head is a DeepLabV2 option; PIDNet always has its P-branch and boundary heads")
+    return PIDNet(cfg.name, cfg.num_classes, freeze_bn=bool(cfg.freeze_bn), input_norm=cfg.input_norm)
+
+
+MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet, "pidnet_s": build_pidnet, "pidnet_m": build_pidnet}
 
 
 def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:
