@@ -112,7 +112,13 @@ def test_the_onnx_file_of_every_network_computes_what_pytorch_does(net, tmp_path
     from rtda.models.export import OnnxModel, export_onnx, parity
 
     torch.manual_seed(0)
-    model = build_model({"name": net, "num_classes": C}).eval()
+    model = build_model({"name": net, "num_classes": C})
+    # BN statistics from a few batches, as in the deploy test: with the fresh identity statistics a deep network
+    # (PIDNet-S: logits ~150) is 4e-3 off its own float64 result in float32 eager, above the absolute 1e-3 below
+    with torch.no_grad():
+        for seed in range(2):
+            model(batches(seed)[0]["image"])
+    model.eval()
     export_onnx(deploy(model), tmp_path / f"{net}.onnx", (H, W))
     image = torch.randint(0, 256, (1, 3, H, W), dtype=torch.uint8).float()
     with torch.no_grad():

@@ -51,8 +51,7 @@ from rtda.config import ConfigError
 from rtda.models.base import SegmentationModel, SegOutput, freeze_bn_affine
 from rtda.models.grid import upsample
 from rtda.models.losses import pixel_cross_entropy
-from rtda.models.pidnet_parts import (PAPPM, BasicBlock, Bottleneck, LightBag, PagFM, conv_bn, make_layer,
-                                      seg_head)
+from rtda.models.pidnet_parts import PAPPM, BasicBlock, Bottleneck, LightBag, PagFM, conv_bn, make_layer, seg_head
 
 # width of each variant (models/pidnet.py get_seg_model): planes, PPM branch planes, seg head planes
 VARIANTS = {"pidnet_s": (32, 96, 128), "pidnet_m": (64, 96, 128)}
@@ -111,6 +110,13 @@ class PIDNet(SegmentationModel):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+        # Five BN biases add a per-channel constant that the train-mode BN after them removes (layer5's output enters
+        # PAPPM only through BNs; Light-Bag's output enters the seg head's BN): their gradient is zero up to rounding,
+        # in the official network too, where only weight decay moves them, which no output can see. Frozen, so no
+        # parameter silently gets nothing (DDP, gradient checks) and the ImageNet values stay.
+        for bn in (self.backbone.layer5[0].bn3, self.backbone.layer5[0].downsample[1], self.backbone.layer5[1].bn3,
+                   self.dfm.conv_p[1], self.dfm.conv_i[1]):
+            bn.bias.requires_grad_(False)
         if freeze_bn:
             freeze_bn_affine(self.backbone)
 
