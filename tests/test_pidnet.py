@@ -141,3 +141,20 @@ def test_any_input_size_and_stride_8():
     assert output.logits.shape == (2, 3, 7, 9) and list(output.aux) == ["p_branch", "boundary"]
     assert output.aux["boundary"].shape == (2, 1, 7, 9)
     assert model.eval()(torch.zeros(1, 3, 50, 70)).shape == (1, 3, 50, 70)
+
+
+def test_the_configs_carry_the_official_recipe():
+    """configs/cityscapes/pidnet_{small,medium}_cityscapes.yaml and tools/train.py, through our bases."""
+    from rtda.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("cityscapes_pidnet_s", "cityscapes_pidnet_m", "gta5_pidnet_s", "gta5_pidnet_m", "gta5_pidnet_s_dacs"):
+        cfg = load_config(configs / f"{name}.yaml")
+        model, train = cfg.model, cfg.train
+        assert (model.aux_weight, model.ohem_thresh, model.ohem_min_kept) == (0.4, 0.9, 131072), name
+        assert model.pretrained.endswith(f"PIDNet_{model.name[-1].upper()}_ImageNet.pth.tar"), name
+        assert (train.optimizer, train.lr, train.momentum, train.weight_decay, train.head_lr_mult) == \
+            ("sgd", 0.01, 0.9, 5e-4, 1.0), name
+        assert (train.batch_size, train.iters, train.poly_power) == (12, 484 * (2975 // 12), 0.9), name
+    oracle = load_config(configs / "cityscapes_pidnet_s.yaml").data.augment
+    assert (oracle.hflip, oracle.scale_crop, oracle.scale_range) == (0.5, 1.0, [0.5, 2.1])

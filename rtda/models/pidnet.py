@@ -36,10 +36,11 @@ term is weighted per pixel the same way: the CE terms become weight * CE average
 labels), the BCE keeps its class balance times the weight. So the boundary head learns the (mixed) target's class
 edges with the confidence DACS gives them, instead of idling on target images.
 
-Deviations from the official forward: the 1/8 size is that of the layer2 output (the official code takes
-input // 8, which breaks on sizes that are not multiples of 8); the auxiliary heads see the ReLU of the P and D
-features, which is what the official in-place ReLUs hand them; the seg heads are nn.Sequential (keys differ from the
-official segmenthead's, which no ImageNet file holds).
+Deviations: Light-Bag's two BN biases, whose gradient the seg head's BN cancels, are frozen (PIDNet.__init__).
+In the forward: the 1/8 size is that of the layer2 output (the official code takes input // 8, which breaks on sizes
+that are not multiples of 8); the auxiliary heads see the ReLU of the P and D features, which is what the official
+in-place ReLUs hand them; the seg heads are nn.Sequential (keys differ from the official segmenthead's, which no
+ImageNet file holds).
 """
 from __future__ import annotations
 
@@ -110,12 +111,10 @@ class PIDNet(SegmentationModel):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
-        # Five BN biases add a per-channel constant that the train-mode BN after them removes (layer5's output enters
-        # PAPPM only through BNs; Light-Bag's output enters the seg head's BN): their gradient is zero up to rounding,
-        # in the official network too, where only weight decay moves them, which no output can see. Frozen, so no
-        # parameter silently gets nothing (DDP, gradient checks) and the ImageNet values stay.
-        for bn in (self.backbone.layer5[0].bn3, self.backbone.layer5[0].downsample[1], self.backbone.layer5[1].bn3,
-                   self.dfm.conv_p[1], self.dfm.conv_i[1]):
+        # Light-Bag's two BN biases add a per-channel constant to its sum, which the seg head's train-mode BN removes:
+        # no gradient ever reaches them (in the official network too, where only weight decay moves them, which no
+        # output can see). Frozen, so no parameter silently gets nothing.
+        for bn in (self.dfm.conv_p[1], self.dfm.conv_i[1]):
             bn.bias.requires_grad_(False)
         if freeze_bn:
             freeze_bn_affine(self.backbone)
