@@ -131,6 +131,13 @@ def test_the_supervised_loss_is_the_official_sum_by_hand():
     # boundary logit 3: sigmoid 0.95 everywhere, the boundary-aware CE covers every labelled pixel
     expected = ce + 0.4 * ce * labelled / n + 20 * bce(3.0) + 1.0 * ce
     assert torch.allclose(model.supervised_loss(pidnet_output(C, 3.0), label), expected)
+    # plain CE (model.ohem_thresh null): no pixel past 0.8 makes the boundary-aware term 0, not the NaN of a mean
+    # over nothing; with every pixel past it, it is the CE over the labelled ones
+    plain = build_model({"name": "pidnet_s", "num_classes": C, "aux_weight": 0.4})
+    assert torch.allclose(plain.supervised_loss(pidnet_output(C, 0.0), label), ce + 0.4 * ce * labelled / n
+                          + 20 * bce(0.0))
+    assert torch.allclose(plain.supervised_loss(pidnet_output(C, 3.0), label), 2 * ce + 0.4 * ce * labelled / n
+                          + 20 * bce(3.0))
     # a pseudo-label weight of 0 silences every term, the boundary ones included
     assert model.supervised_loss(pidnet_output(C, 3.0), label, torch.zeros(1, 16, 16)) == 0
 

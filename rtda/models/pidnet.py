@@ -154,6 +154,9 @@ class PIDNet(SegmentationModel):
         loss = loss + self.aux_weight * pixel_cross_entropy(output.aux["p_branch"], label, grid, every_pixel)
         loss = loss + BOUNDARY_WEIGHT * balanced_bce(boundary, boundary_target(label), weight)
         on_boundary = torch.where(torch.sigmoid(boundary) > BOUNDARY_THRESHOLD, label, torch.full_like(label, IGNORE))
+        if weight is None and self.ohem is None:  # plain CE: the mean over the boundary pixels, 0 (not NaN) if none
+            ce = F.cross_entropy(logits.float(), on_boundary, ignore_index=IGNORE, reduction="sum")
+            return loss + BOUNDARY_AWARE_WEIGHT * ce / (on_boundary != IGNORE).sum().clamp(min=1)
         return loss + BOUNDARY_AWARE_WEIGHT * pixel_cross_entropy(logits, on_boundary, grid, weight, self.ohem)
 
     @staticmethod
