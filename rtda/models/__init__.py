@@ -21,6 +21,7 @@ from rtda.models.checkpoints import backbone_name, describe, load_trained_weight
 from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.deploy import deploy
 from rtda.models.losses import Ohem
+from rtda.models.pidnet import PIDNet
 from rtda.models.resnet import load_backbone_weights
 from rtda.models.stdc import STDCSeg
 
@@ -48,7 +49,13 @@ def build_stdc(cfg: ModelConfig) -> STDCSeg:
     return STDCSeg(cfg.name, cfg.num_classes, freeze_bn=bool(cfg.freeze_bn), input_norm=cfg.input_norm)
 
 
-MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet, "stdc1": build_stdc, "stdc2": build_stdc}
+def build_pidnet(cfg: ModelConfig) -> PIDNet:
+    if cfg.aux_head:
+        raise ConfigError("model.aux_head is a DeepLabV2 option; PIDNet always has its P-branch and boundary heads")
+    return PIDNet(cfg.name, cfg.num_classes, freeze_bn=bool(cfg.freeze_bn), input_norm=cfg.input_norm)
+
+
+MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet, "stdc1": build_stdc, "stdc2": build_stdc, "pidnet_s": build_pidnet, "pidnet_m": build_pidnet}
 
 
 def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:

@@ -68,7 +68,8 @@ def deploy(model: SegmentationModel) -> DeployedModel:
     folded = copy.deepcopy(model).eval()
     folded.aux_heads = nn.ModuleDict()
     fold_batchnorm(folded)
-    left = [name for name, m in folded.named_modules() if isinstance(m, _BN)]
+    # a BN marked `pre_activation` (BN-ReLU-conv: PIDNet's PPM and seg heads) has no conv before it and stays
+    left = [name for name, m in folded.named_modules() if isinstance(m, _BN) and not getattr(m, "pre_activation", 0)]
     if left:
         raise RuntimeError(f"deploy: BN layers without a conv before them could not be folded: {', '.join(left)}")
     for p in folded.parameters():

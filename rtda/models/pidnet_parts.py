@@ -1,0 +1,139 @@
+"""PIDNet's building blocks (XuJiacong/PIDNet models/model_utils.py, MIT), under the official attribute names so
+the authors' ImageNet files load by name: residual blocks, Pag (pixel-attention-guided fusion), PAPPM (parallel
+aggregation PPM, PIDNet-S/M), Light-Bag (boundary-attention-guided fusion) and the seg head.
+
+BN layers that come before their ReLU and conv (the PPM's and the seg head's pre-activation BNs) have no conv
+before them to fold into: they are marked `pre_activation`, and the deploy form keeps them as they are (a
+per-channel multiply-add), as the authors' own speed test does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pre_activation_bn(channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    bn.pre_activation = True  # rtda.models.deploy: nothing to fold it into, it stays
+    return bn
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+    """Conv (no bias, 'same' padding) + BN: the official compression/diff/downsample/Pag/Bag projections."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(out_channels))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 no_relu: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample, self.no_relu = downsample, no_relu
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out = out + (x if self.downsample is None else self.downsample(x))
+        return out if self.no_relu else F.relu(out)
+
+
+class Bottleneck(nn.Module):
+    expansion = 2
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 no_relu: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.downsample, self.no_relu = downsample, no_relu
+
+    def forward(self, x):
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        out = self.bn3(self.conv3(out)) + (x if self.downsample is None else self.downsample(x))
+        return out if self.no_relu else F.relu(out)
+
+
+def make_layer(block, inplanes: int, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+    """The official `_make_layer`: a strided (or widening) first block with a 1x1 conv-BN shortcut, then blocks
+    with a ReLU at the end except the last (the caller applies it where the official forward does)."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
+                                   nn.BatchNorm2d(planes * block.expansion))
+    layers = [block(inplanes, planes, stride, downsample)]
+    for i in range(1, blocks):
+        layers.append(block(planes * block.expansion, planes, no_relu=i == blocks - 1))
+    return nn.Sequential(*layers)
+
+
+class PagFM(nn.Module):
+    """Pag: x (P branch) + sigma * (upsampled y (I branch) - x), sigma = sigmoid(<f_x(x), up(f_y(y))>) per pixel."""
+
+    def __init__(self, in_channels: int, mid_channels: int):
+        super().__init__()
+        self.f_x = conv_bn(in_channels, mid_channels, 1)
+        self.f_y = conv_bn(in_channels, mid_channels, 1)
+
+    def forward(self, x, y):
+        size = x.shape[-2:]
+        y_q = F.interpolate(self.f_y(y), size=size, mode="bilinear", align_corners=False)
+        sim = torch.sigmoid((self.f_x(x) * y_q).sum(dim=1, keepdim=True))
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return (1 - sim) * x + sim * y
+
+
+def _bn_relu_conv(in_channels: int, out_channels: int, kernel: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [pre_activation_bn(in_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, groups=groups, bias=False)]
+
+
+class PAPPM(nn.Module):
+    """Parallel aggregation PPM: average pools (5/2, 9/4, 17/8, global) of the 1/64 features, each projected and
+    added to the unpooled projection, processed together by one grouped 3x3 conv, compressed, plus a shortcut."""
+
+    def __init__(self, inplanes: int, branch_planes: int, outplanes: int):
+        super().__init__()
+        pools = [nn.AvgPool2d(5, 2, 2), nn.AvgPool2d(9, 4, 4), nn.AvgPool2d(17, 8, 8), nn.AdaptiveAvgPool2d(1)]
+        for i, pool in enumerate(pools, start=1):
+            setattr(self, f"scale{i}", nn.Sequential(pool, *_bn_relu_conv(inplanes, branch_planes)))
+        self.scale0 = nn.Sequential(*_bn_relu_conv(inplanes, branch_planes))
+        self.scale_process = nn.Sequential(*_bn_relu_conv(branch_planes * 4, branch_planes * 4, 3, groups=4))
+        self.compression = nn.Sequential(*_bn_relu_conv(branch_planes * 5, outplanes))
+        self.shortcut = nn.Sequential(*_bn_relu_conv(inplanes, outplanes))
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        x0 = self.scale0(x)
+        scales = [F.interpolate(getattr(self, f"scale{i}")(x), size=size, mode="bilinear", align_corners=False) + x0
+                  for i in range(1, 5)]
+        out = self.scale_process(torch.cat(scales, dim=1))
+        return self.compression(torch.cat([x0, out], dim=1)) + self.shortcut(x)
+
+
+class LightBag(nn.Module):
+    """Light-Bag: sigma = sigmoid(D); conv_p((1 - sigma) * I + P) + conv_i(I + sigma * P)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv_p = conv_bn(in_channels, out_channels, 1)
+        self.conv_i = conv_bn(in_channels, out_channels, 1)
+
+    def forward(self, p, i, d):
+        attention = torch.sigmoid(d)
+        return self.conv_p((1 - attention) * i + p) + self.conv_i(i + attention * p)
+
+
+def seg_head(inplanes: int, interplanes: int, outplanes: int) -> nn.Sequential:
+    """The official segmenthead: BN-ReLU-3x3 conv-BN-ReLU-1x1 conv (with bias)."""
+    return nn.Sequential(*_bn_relu_conv(inplanes, interplanes, 3), nn.BatchNorm2d(interplanes), nn.ReLU(inplace=True),
+                         nn.Conv2d(interplanes, outplanes, 1))
