@@ -24,6 +24,8 @@ Deviations, each for the model contract (any input size, exportable deploy form)
   own stride (the loss and the eval output upsample them), not upsampled inside the head.
 - The zero-initialised last BN of every GE layer (CoinCheung's `last_bn`) starts at 1 (mmseg's init): a zero
   gamma leaves the layer's convolutions without gradient on the first step.
+- The shift (beta) of the context embedding's BN on the pooled features is frozen at 0, where its exactly zero
+  gradient keeps it anyway (ContextEmbedding says why); the parameter count is unchanged.
 - The context embedding's BN on the pooled features is followed by its 1x1 conv in one `nn.Sequential`, so that
   the deploy form folds it (rtda/models/deploy.py); the computation is the same.
 Trained from scratch, as the paper does: there is no ImageNet file to convert (`convert_pretrained` None), no
@@ -109,6 +111,10 @@ class ContextEmbedding(nn.Module):
         # BN then conv in one Sequential: the deploy form folds the BN into the 1x1 conv after it
         self.gap = nn.Sequential(nn.BatchNorm2d(channels), *conv_bn(channels, channels, 1))
         self.conv_last = conv_bn(channels, channels)
+        # The first BN's shift gets an exactly zero gradient in training: the conv-BN after it subtracts the batch
+        # mean, which removes any constant it adds. So it stays at its initial 0 under SGD (and weight decay);
+        # frozen there, it trains exactly as in the official network and no parameter is left without gradient.
+        self.gap[0].bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_last(x + self.gap(x.mean((2, 3), keepdim=True)))
