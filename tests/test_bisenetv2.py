@@ -126,3 +126,10 @@ def test_deploy_folds_a_bn_into_the_1x1_conv_after_it():
         folded = block(x)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in block.modules())
     assert torch.allclose(folded, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["aux_head", "freeze_bn"])
+def test_other_networks_options_are_one_config_error(key):
+    with pytest.raises(ConfigError, match=f"model.{key}") as err:
+        build_model({"name": "bisenetv2", key: True})
+    assert "\n" not in str(err.value)

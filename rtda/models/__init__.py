@@ -47,9 +47,10 @@ def build_bisenetv2(cfg: ModelConfig) -> BiSeNetV2:
     if cfg.pretrained != "none":
         raise ConfigError(f"model.pretrained = {cfg.pretrained}: BiSeNetV2 trains from scratch and has no ImageNet "
                           "weights to load; use none (a trained bisenetv2 is read by eval.py --checkpoint, train.py --resume)")
-    if cfg.aux_head or cfg.freeze_bn:
-        raise ConfigError("model.aux_head / model.freeze_bn: not BiSeNetV2 options (its four booster heads are "
-                          "always built; its BN layers train from scratch)")
+    for key in ("aux_head", "freeze_bn"):  # its four booster heads are always built; its BN trains from scratch
+        if getattr(cfg, key):
+            raise ConfigError(f"model.{key} = true: not a BiSeNetV2 option (its four booster heads are always "
+                              "built, its BN layers train from scratch); leave it unset")
     return BiSeNetV2(cfg.num_classes, input_norm=cfg.input_norm)
 
 
