@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtda.config import ConfigError
-from rtda.models import build_model
+from rtda.config import ConfigError, from_dict
+from rtda.models import build_model, load_trained_weights
 from rtda.models.bisenetv2 import BiSeNetV2
 from rtda.models.deploy import fold_batchnorm
 
@@ -133,3 +133,12 @@ def test_other_networks_options_are_one_config_error(key):
     with pytest.raises(ConfigError, match=f"model.{key}") as err:
         build_model({"name": "bisenetv2", key: True})
     assert "\n" not in str(err.value)
+
+
+def test_a_bisenetv2_checkpoint_in_another_config_names_what_it_holds(tmp_path):
+    torch.save(build_model({"name": "bisenetv2", "num_classes": 7}).state_dict(), tmp_path / "v2.pt")
+    cfg = from_dict({"model": {"name": "bisenetv2", "num_classes": 19}}).model
+    with pytest.raises(ConfigError) as err:
+        load_trained_weights(build_model(cfg), tmp_path / "v2.pt", cfg)
+    message = str(err.value)
+    assert "\n" not in message and "holds bisenetv2 with 7 classes" in message, message
