@@ -1,8 +1,8 @@
 """BiSeNetV2 (Yu et al., "BiSeNet V2: Bilateral Network with Guided Aggregation for Real-time Semantic
-Segmentation", IJCV 2021), layer by layer as CoinCheung/BiSeNet `lib/models/bisenetv2.py` builds it (MIT; the
-implementation the BiSeNet course code and most UDA work start from; mmseg's `backbones/bisenetv2.py` agrees).
+Segmentation", IJCV 2021), layer by layer as CoinCheung/BiSeNet `lib/models/bisenetv2.py` builds it (MIT; the most used
+implementation; mmseg's `backbones/bisenetv2.py` has the same layers).
 
-    detail branch:   S1 2x conv3x3 (64, first stride 2), S2 3x (64, first stride 2), S3 3x (128, first stride 2) -> 1/8
+    detail branch:   S1 2x conv3x3 (64, first stride 2), S2 3x (64, stride 2 first), S3 3x (128, idem)    -> 1/8
     semantic branch: stem (conv s2 16; [1x1 8 -> 3x3 s2 16] || max-pool s2; concat -> 3x3 16)           -> 1/4
                      S3 GE-s2 + GE (32) -> 1/8, S4 GE-s2 + GE (64) -> 1/16, S5 GE-s2 + 3x GE (128) -> 1/32,
                      context embedding (BN of the global average, 1x1 conv, added, 3x3 conv)
@@ -17,11 +17,12 @@ Training loss (CoinCheung `tools/train_amp.py`): OHEM cross-entropy (p < 0.7, at
 pixels) on the main and on each of the four booster outputs, each weight 1 (`model.aux_weight: 1`,
 `model.ohem_thresh: 0.7`): the base class's `supervised_loss`, nothing to override.
 
-Deviations, each for the model contract (any input size, exportable deploy form):
-- The BGA resizes the semantic maps to the detail map's size (bilinear, align_corners False, as mmseg does; the
-  first CoinCheung version used bilinear with align_corners True) where CoinCheung's current file upsamples them
-  by a fixed nearest x4, which only fits inputs whose sides are multiples of 32. The heads return logits at their
-  own stride (the loss and the eval output upsample them), not upsampled inside the head.
+Deviations, each for the model contract (any input size, trainable from the first step, exportable deploy form):
+- The BGA resizes the 1/32 semantic maps to the 1/8 detail map's size (nearest) where CoinCheung's file upsamples
+  them by a fixed nearest x4: the same for sides divisible by 32, and any other size works too (mmseg and the first
+  CoinCheung version resize bilinearly). The heads return logits at their own stride (the loss and the eval output
+  upsample them) instead of upsampling inside the head. With the official weights mapped onto these modules, the
+  outputs equal the official module's at 128x256 (max abs difference 0, docs/models.md).
 - The zero-initialised last BN of every GE layer (CoinCheung's `last_bn`) starts at 1 (mmseg's init): a zero
   gamma leaves the layer's convolutions without gradient on the first step.
 - The shift (beta) of the context embedding's BN on the pooled features is frozen at 0, where its exactly zero
@@ -169,7 +170,8 @@ class GuidedAggregation(nn.Module):
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    """CoinCheung's nearest x4 of the 1/32 maps, written as a resize to the 1/8 map's size (any input size)."""
+    return F.interpolate(x, size=size, mode="nearest")
 
 
 class SegmentHead(nn.Sequential):
