@@ -4,13 +4,14 @@ of the BN that comes before a 1x1 conv. tests/test_zoo.py runs every strategy, d
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtda.config import ConfigError, from_dict
+from rtda.config import ConfigError, from_dict, load_config
 from rtda.models import build_model, load_trained_weights
 from rtda.models.bisenetv2 import BiSeNetV2
 from rtda.models.deploy import fold_batchnorm
@@ -142,3 +143,31 @@ def test_a_bisenetv2_checkpoint_in_another_config_names_what_it_holds(tmp_path):
         load_trained_weights(build_model(cfg), tmp_path / "v2.pt", cfg)
     message = str(err.value)
     assert "\n" not in message and "holds bisenetv2 with 7 classes" in message, message
+
+
+RECIPE = {"model.name": "bisenetv2", "model.pretrained": "none", "model.ohem_thresh": 0.7, "model.ohem_min_kept": None,
+          "model.aux_weight": 1.0, "train.optimizer": "sgd", "train.lr": 5e-2, "train.momentum": 0.9,
+          "train.weight_decay": 5e-4, "train.batch_size": 16, "train.iters": 150_000, "train.poly_power": 0.9,
+          "train.warmup_iters": 1000, "train.head_lr_mult": 1.0}
+PROTOCOL_CONFIGS = {
+    "cityscapes_bisenetv2": {"adapt.name": "none", "data.source.size": [1024, 512], "data.augment.hflip": 0.5,
+                             "data.augment.scale_crop": 1.0, "data.augment.scale_range": [0.75, 2.0]},
+    "gta5_bisenetv2": {"adapt.name": "none", "data.source.size": [1280, 720], "data.augment.scale_crop": 1.0},
+    "gta5_bisenetv2_dacs": {"adapt.name": "dacs", "adapt.crop": [512, 512], "data.augment.scale_crop": 0.0},
+    "gta5_bisenetv2_daformer_dacs": {"adapt.name": "dacs", "adapt.fd_lambda": 0.0, "data.rcs.enabled": True},
+    "gta5_bisenetv2_mic": {"adapt.name": "mic", "adapt.fd_lambda": 0.0, "adapt.mask_ratio": 0.7},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL_CONFIGS))
+def test_protocol_configs_carry_the_from_scratch_recipe(name):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    expected = {**RECIPE, **PROTOCOL_CONFIGS[name], "data.val.size": [1024, 512]}
+    wrong = {}
+    for key, value in expected.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node != value:
+            wrong[key] = (node, value)
+    assert not wrong, f"{name}: key: (config, recipe) {wrong}"
