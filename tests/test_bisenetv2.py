@@ -171,3 +171,10 @@ def test_protocol_configs_carry_the_from_scratch_recipe(name):
         if node != value:
             wrong[key] = (node, value)
     assert not wrong, f"{name}: key: (config, recipe) {wrong}"
+
+
+def test_tables_and_reports_name_it_without_a_resnet():
+    from rtda.bench.common import model_label
+
+    assert model_label(from_dict({"model": {"name": "bisenetv2"}}).model) == "BiSeNetV2"
+    assert model_label(from_dict({"model": {"name": "bisenet"}}).model) == "BiSeNet-R18"

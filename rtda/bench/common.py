@@ -5,10 +5,11 @@ import dataclasses
 from pathlib import Path
 
 from rtda.config import ConfigError
+from rtda.models.checkpoints import backbone_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THESIS_SIZE = (512, 1024)  # (H, W): the size of the course's FLOPs and latency numbers
-MODEL_NAMES = {"deeplabv2": "DeepLabV2", "bisenet": "BiSeNet"}
+MODEL_NAMES = {"deeplabv2": "DeepLabV2", "bisenet": "BiSeNet", "bisenetv2": "BiSeNetV2"}
 BACKBONE_NAMES = {"resnet18": "R18", "resnet101": "R101"}
 
 
@@ -43,6 +44,9 @@ def without_pretrained(model_cfg):
 
 
 def model_label(model_cfg) -> str:
-    """'BiSeNet-R18': the model and backbone names the tables and reports print."""
+    """'BiSeNet-R18': the model and backbone names the tables and reports print; a network with its own backbone
+    (BiSeNetV2) is named alone."""
     name = MODEL_NAMES.get(model_cfg.name, model_cfg.name)
+    if backbone_name(model_cfg) == model_cfg.name:
+        return name
     return f"{name}-{BACKBONE_NAMES.get(model_cfg.backbone, model_cfg.backbone)}"
