@@ -151,7 +151,8 @@ RECIPE = {"model.name": "bisenetv2", "model.pretrained": "none", "model.ohem_thr
           "train.warmup_iters": 1000, "train.head_lr_mult": 1.0}
 PROTOCOL_CONFIGS = {
     "cityscapes_bisenetv2": {"adapt.name": "none", "data.source.size": [1024, 512], "data.augment.hflip": 0.5,
-                             "data.augment.scale_crop": 1.0, "data.augment.scale_range": [0.75, 2.0]},
+                             "data.augment.scale_crop": 1.0, "data.augment.scale_range": [0.75, 2.0],
+                             "eval.label_size": "full"},
     "gta5_bisenetv2": {"adapt.name": "none", "data.source.size": [1280, 720], "data.augment.scale_crop": 1.0},
     "gta5_bisenetv2_dacs": {"adapt.name": "dacs", "adapt.crop": [512, 512], "data.augment.scale_crop": 0.0},
     "gta5_bisenetv2_daformer_dacs": {"adapt.name": "dacs", "adapt.fd_lambda": 0.0, "data.rcs.enabled": True},
