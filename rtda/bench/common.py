@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from rtda.config import ConfigError
+from rtda.models.checkpoints import backbone_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THESIS_SIZE = (512, 1024)  # (H, W): the size of the course's FLOPs and latency numbers
@@ -47,7 +48,5 @@ def without_pretrained(model_cfg):
 
 def model_label(model_cfg) -> str:
     """'BiSeNet-R18', 'PIDNet-S': the model (and, where the config chooses it, backbone) names tables print."""
-    from rtda.models.checkpoints import backbone_name
-
     name, backbone = MODEL_NAMES.get(model_cfg.name, model_cfg.name), backbone_name(model_cfg)
     return name if backbone == model_cfg.name else f"{name}-{BACKBONE_NAMES.get(backbone, backbone)}"

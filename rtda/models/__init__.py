@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from rtda.config import ConfigError, ModelConfig, from_dict
 from rtda.models.base import SegmentationModel, SegOutput
 from rtda.models.bisenet import BiSeNet
+from rtda.models.bisenetv2 import BiSeNetV2
 from rtda.models.checkpoints import backbone_name, describe, load_trained_weights
 from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.deploy import deploy
@@ -55,7 +56,19 @@ def build_pidnet(cfg: ModelConfig) -> PIDNet:
     return PIDNet(cfg.name, cfg.num_classes, freeze_bn=bool(cfg.freeze_bn), input_norm=cfg.input_norm)
 
 
-MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet, "stdc1": build_stdc, "stdc2": build_stdc, "pidnet_s": build_pidnet, "pidnet_m": build_pidnet}
+def build_bisenetv2(cfg: ModelConfig) -> BiSeNetV2:
+    # trained from scratch, as its paper; a whole trained network is a checkpoint, not a backbone file
+    if cfg.pretrained != "none":
+        raise ConfigError(f"model.pretrained = {cfg.pretrained}: BiSeNetV2 trains from scratch and has no ImageNet "
+                          "weights to load; use none (a trained bisenetv2 is read by eval.py --checkpoint, train.py --resume)")
+    for key in ("aux_head", "freeze_bn"):  # its four booster heads are always built; its BN trains from scratch
+        if getattr(cfg, key):
+            raise ConfigError(f"model.{key} = true: not a BiSeNetV2 option (its four booster heads are always "
+                              "built, its BN layers train from scratch); leave it unset")
+    return BiSeNetV2(cfg.num_classes, input_norm=cfg.input_norm)
+
+
+MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet, "stdc1": build_stdc, "stdc2": build_stdc, "pidnet_s": build_pidnet, "pidnet_m": build_pidnet, "bisenetv2": build_bisenetv2}
 
 
 def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:

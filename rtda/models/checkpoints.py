@@ -42,6 +42,8 @@ def describe_state(state: dict) -> str:
         backbone = "resnet101" if "backbone.layer4.0.conv3.weight" in state else "resnet18"
         classes = (shape("classifier.weight") or ("?",))[0]
         return f"bisenet/{backbone} with {classes} classes"
+    if "backbone.detail.S1.0.0.weight" in state:
+        return f"bisenetv2 with {(shape('head.2.weight') or ('?',))[0]} classes"
     if "classifier.branches.0.weight" in state:
         classes = shape("classifier.branches.0.weight")[0]
         rates = sum(1 for k in state if k.startswith("classifier.branches.") and k.endswith(".weight"))

@@ -78,7 +78,8 @@ def deploy(model: SegmentationModel) -> DeployedModel:
 
 
 def fold_batchnorm(module: nn.Module) -> None:
-    """Fold every eval-mode BN into the conv before it, in place (the BN becomes an Identity).
+    """Fold every eval-mode BN into the conv before it, in place (the BN becomes an Identity); a BN that opens
+    an `nn.Sequential` entry pair with a 1x1 conv after it (BiSeNetV2's context embedding) folds into that conv.
 
     Recognises the two ways our models pair them: consecutive entries of an `nn.Sequential` (our blocks,
     torchvision's `downsample`) and `convN`/`bnN` attributes (torchvision's ResNet stem and blocks).
@@ -87,6 +88,9 @@ def fold_batchnorm(module: nn.Module) -> None:
         fold_batchnorm(child)
     if isinstance(module, nn.Sequential):
         for i in range(len(module) - 1):
+            if isinstance(module[i], _BN) and module[i].affine and _is_pointwise(module[i + 1]):
+                module[i + 1] = fuse_bn_pointwise_conv(module[i], module[i + 1])
+                module[i] = nn.Identity()
             if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], _BN):
                 module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
                 module[i + 1] = nn.Identity()
@@ -95,3 +99,23 @@ def fold_batchnorm(module: nn.Module) -> None:
         if isinstance(conv, nn.Conv2d) and isinstance(bn, _BN):
             setattr(module, f"conv{k}", fuse_conv_bn_eval(conv, bn))
             setattr(module, f"bn{k}", nn.Identity())
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    """A 1x1 conv without padding or groups: one whose input may be shifted and scaled per channel exactly."""
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.padding == (0, 0)
+            and module.groups == 1)
+
+
+def fuse_bn_pointwise_conv(bn: _BN, conv: nn.Conv2d) -> nn.Conv2d:
+    """conv(bn(x)) as one conv: BN is x * s + t per input channel, so W' = W * s (over input channels) and
+    b' = b + W t. Exact only for a 1x1 conv without padding (zero padding would see t where BN saw 0)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, conv.stride, bias=True).to(conv.weight)
+    fused.train(conv.training)
+    weight = conv.weight.detach()
+    fused.weight.data.copy_(weight * scale.detach().view(1, -1, 1, 1))
+    bias = weight.flatten(1) @ shift.detach()
+    fused.bias.data.copy_(bias if conv.bias is None else bias + conv.bias.detach())
+    return fused
