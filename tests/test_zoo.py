@@ -80,6 +80,11 @@ def test_the_supervised_loss_reaches_every_parameter_and_the_first_aux_output_is
     """DDP needs every trainable parameter in each backward; multi-level methods read the first aux output."""
     torch.manual_seed(0)
     model = build_model({"name": net, "num_classes": C}).train()
+    # BN on running statistics: a training-mode BN subtracts its batch mean, so a bias that only BN layers read
+    # (DDRNet's layer5 before DAPPM, 1x1 here) is in the graph with an exactly zero gradient
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
     source, _ = batches(0)
     output = model(source["image"])
     assert output.logits.shape[:2] == (2, C) and output.aux

@@ -116,7 +116,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["deeplabv2", "bisenet"] = field(default="bisenet", metadata=STRUCTURE)
+    name: Literal["deeplabv2", "bisenet", "ddrnet23_slim", "ddrnet23"] = field(default="bisenet", metadata=STRUCTURE)
     # BiSeNet's context path; DeepLabV2 is always ResNet-101
     backbone: Literal["resnet18", "resnet101"] = field(default="resnet18", metadata=STRUCTURE)
     pretrained: str = "none"  # none | imagenet | PATH to a state dict

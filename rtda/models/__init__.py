@@ -18,6 +18,7 @@ from rtda.config import ConfigError, ModelConfig, from_dict
 from rtda.models.base import SegmentationModel, SegOutput
 from rtda.models.bisenet import BiSeNet
 from rtda.models.checkpoints import backbone_name, describe, load_trained_weights
+from rtda.models.ddrnet import build_ddrnet23, build_ddrnet23_slim
 from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.deploy import deploy
 from rtda.models.losses import Ohem
@@ -41,7 +42,8 @@ def build_bisenet(cfg: ModelConfig) -> BiSeNet:
                    resnet_variant=cfg.resnet_variant, input_norm=cfg.input_norm)
 
 
-MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet}
+MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet,
+          "ddrnet23_slim": build_ddrnet23_slim, "ddrnet23": build_ddrnet23}
 
 
 def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:

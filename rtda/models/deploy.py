@@ -68,9 +68,7 @@ def deploy(model: SegmentationModel) -> DeployedModel:
     folded = copy.deepcopy(model).eval()
     folded.aux_heads = nn.ModuleDict()
     fold_batchnorm(folded)
-    left = [name for name, m in folded.named_modules() if isinstance(m, _BN)]
-    if left:
-        raise RuntimeError(f"deploy: BN layers without a conv before them could not be folded: {', '.join(left)}")
+    replace_batchnorm_left(folded)
     for p in folded.parameters():
         p.requires_grad_(False)
     return DeployedModel(folded.to(memory_format=torch.channels_last))
@@ -94,3 +92,30 @@ def fold_batchnorm(module: nn.Module) -> None:
         if isinstance(conv, nn.Conv2d) and isinstance(bn, _BN):
             setattr(module, f"conv{k}", fuse_conv_bn_eval(conv, bn))
             setattr(module, f"bn{k}", nn.Identity())
+
+
+class ChannelAffine(nn.Module):
+    """What an eval-mode BN computes, x * scale + shift per channel, for a BN that no conv precedes (the
+    pre-activation BN, ReLU, conv of DDRNet's DAPPM and heads): nothing to fold it into, one multiply-add left."""
+
+    def __init__(self, bn: _BN):
+        super().__init__()
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach()
+        shift = -bn.running_mean * scale + (0 if bn.bias is None else bn.bias.detach())
+        shape = (1, -1) + (1,) * (2 if isinstance(bn, nn.BatchNorm2d) else 0)
+        self.register_buffer("scale", scale.reshape(shape))
+        self.register_buffer("shift", shift.reshape(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+def replace_batchnorm_left(module: nn.Module) -> None:
+    """Replace, in place, every BN that `fold_batchnorm` left (no conv right before it) by its `ChannelAffine`."""
+    for name, child in module.named_children():
+        if isinstance(child, _BN):
+            setattr(module, name, ChannelAffine(child))
+        else:
+            replace_batchnorm_left(child)
