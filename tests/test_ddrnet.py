@@ -76,6 +76,16 @@ def test_a_file_of_other_weights_is_one_line_naming_what_it_holds(net, tmp_path)
     assert "not a DDRNet ImageNet checkpoint" in message
 
 
+def test_a_segmentation_checkpoint_is_named_as_such(tmp_path):
+    """The authors' Cityscapes-trained files hold the backbone, DAPPM (spp.*) and heads, not the ImageNet tail."""
+    path = tmp_path / "best_val_smaller.pth"
+    state = authors_file("ddrnet23_slim", path)
+    state = {k: v for k, v in state.items() if not k.startswith(("down5.", "last_layer.", "linear."))}
+    torch.save({**state, "spp.scale0.2.weight": torch.zeros(128, 512, 1, 1)}, path)
+    with pytest.raises(ConfigError, match=r"\(a segmentation model's: it has spp\.\*\), which is not a DDRNet Im"):
+        build_model({"name": "ddrnet23_slim", "pretrained": str(path)})
+
+
 def test_the_other_variants_file_is_refused_by_shape(tmp_path):
     path = tmp_path / "DDRNet23_imagenet.pth"
     authors_file("ddrnet23", path)

@@ -171,15 +171,30 @@ def segment_head(in_channels: int, mid_channels: int, num_classes: int) -> nn.Se
 
 # name -> (c, head channels): segmentation/DDRNet_23_slim.py and DDRNet_23.py's `DualResNet_imagenet`
 VARIANTS = {"ddrnet23_slim": (32, 64), "ddrnet23": (64, 128)}
-IMAGENET_FILES = {"ddrnet23_slim": "DDRNet23s_imagenet.pth", "ddrnet23": "DDRNet23_imagenet.pth"}
 # tensors of the classification model that the segmentation network does not have (its classifier tail)
 _CLASSIFIER_ONLY = ("down5.", "last_layer.", "linear.")
+
+
+def convert_imagenet(state: dict, path: str) -> dict:
+    """The authors' ImageNet file (the classification DualResNet's state dict, optionally under DataParallel's
+    `module.`) -> the backbone's keys: the same names, less the classifier tail (`down5`, `last_layer`,
+    `linear`), which the official segmentation code drops too (its load_state_dict(strict=False) skips them)."""
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    kept = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_ONLY)}
+    if not any(k.startswith("layer3_.") for k in kept) or len(kept) == len(state):
+        example = next(iter(state), "nothing")
+        segmentation = " (a segmentation model's: it has spp.*)" if any(k.startswith("spp.") for k in state) else ""
+        raise ConfigError(f"model.pretrained = {path}: holds {len(state)} tensors like {example!r}{segmentation}, "
+                          f"which is not a DDRNet ImageNet checkpoint (classification DualResNet: layer3_.*, down5.*, "
+                          f"linear.*)")
+    return kept
 
 
 class DDRNet(SegmentationModel):
     """DDRNet-23(-slim): main logits and, in training, the stage-3 auxiliary logits (`stage3`), both at 1/8."""
 
     bottleneck_stage = "backbone.layer5"  # the deepest low-resolution stage, before DAPPM
+    convert_pretrained = staticmethod(convert_imagenet)
 
     def __init__(self, variant: str, num_classes: int, freeze_bn: bool = False, input_norm: str = "imagenet"):
         super().__init__(input_norm)
@@ -202,22 +217,6 @@ class DDRNet(SegmentationModel):
         logits = self.head(_resize(self.spp(low), high) + high)
         aux = {"stage3": self.aux_heads["stage3"](stage3_high)} if with_aux else {}
         return logits, aux
-
-
-def convert_imagenet(state: dict, path: str) -> dict:
-    """The authors' ImageNet file (the classification DualResNet's state dict, optionally under DataParallel's
-    `module.`) -> the backbone's keys: the same names, less the classifier tail (`down5`, `last_layer`,
-    `linear`), which the official segmentation code drops too (its load_state_dict(strict=False) skips them)."""
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    kept = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_ONLY)}
-    if not any(k.startswith("layer3_.") for k in kept) or len(kept) == len(state):
-        example = next(iter(state), "nothing")
-        raise ConfigError(f"model.pretrained = {path}: holds {len(state)} tensors like {example!r}, which is not a "
-                          f"DDRNet ImageNet checkpoint (classification DualResNet: layer3_.*, down5.*, linear.*)")
-    return kept
-
-
-DDRNet.convert_pretrained = staticmethod(convert_imagenet)
 
 
 def _build(name: str, cfg: ModelConfig) -> DDRNet:
