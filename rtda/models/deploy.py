@@ -5,7 +5,8 @@
     graph = fast.graph()          # the same computation without the inference-mode switch (export, compile)
 
 Folding a BN layer into the conv before it removes one full read and write of every feature map, and
-channels_last lets the oneDNN (CPU) and cuDNN convolutions skip their layout conversions.
+channels_last lets the oneDNN (CPU) and cuDNN convolutions skip their layout conversions. A BN that no conv
+precedes (pre-activation BN -> ReLU -> conv, as in DDRNet's DAPPM and heads) stays one per-channel multiply-add.
 """
 from __future__ import annotations
 
