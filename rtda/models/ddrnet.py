@@ -9,7 +9,8 @@ and `segmentation/DDRNet_23.py`; the ImageNet files fit `classification/DDRNet_2
     stage 4:   low 2 basic blocks (8c, 1/32); high 2 basic blocks (2c); fusion as above (two s2 convs down)
     stage 5:   low 1 bottleneck s2 (16c, 1/64) -> DAPPM -> 4c, upsampled to 1/8; high 1 bottleneck (4c, 1/8)
     head:      BN ReLU conv3x3 BN ReLU conv1x1 (+bias) on low + high                         -> logits at 1/8
-    training:  the same head (`seghead_extra`) on the high branch after stage 3's fusion (2c channels, 1/8)
+    training:  the same head (`seghead_extra`) on the high branch after stage 3's fusion (2c channels, 1/8);
+               stages 1-5 are the paper's conv2, conv3, conv4, conv5_1, conv5_2
 
 c = 32, head 64 channels for the slim net; c = 64, head 128 for DDRNet-23; DAPPM's branches have 128 channels.
 A ReLU precedes every stage and fusion input (not in place: the pre-ReLU maps are summed too); the last block of each
