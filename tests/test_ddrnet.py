@@ -136,3 +136,14 @@ def test_eval_runs_no_auxiliary_head_and_the_deploy_form_keeps_no_batchnorm():
     fast = deploy(model)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fast.modules())
     assert any(isinstance(m, ChannelAffine) for m in fast.modules())  # DAPPM's and the head's pre-activation BN
+
+
+def test_a_batchnorm_with_no_conv_before_it_becomes_its_affine_in_any_bn_kind():
+    torch.manual_seed(0)
+    for bn, shape in ((torch.nn.BatchNorm2d(3), (2, 3, 4, 5)), (torch.nn.SyncBatchNorm(3), (2, 3, 4, 5)),
+                      (torch.nn.BatchNorm1d(3, affine=False), (2, 3))):
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+        if bn.affine:
+            bn.weight.data.normal_(), bn.bias.data.normal_()
+        x = torch.randn(shape)
+        assert torch.allclose(ChannelAffine(bn.eval())(x), bn(x), atol=1e-6), type(bn).__name__

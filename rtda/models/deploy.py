@@ -105,12 +105,12 @@ class ChannelAffine(nn.Module):
         if bn.weight is not None:
             scale = scale * bn.weight.detach()
         shift = -bn.running_mean * scale + (0 if bn.bias is None else bn.bias.detach())
-        shape = (1, -1) + (1,) * (2 if isinstance(bn, nn.BatchNorm2d) else 0)
-        self.register_buffer("scale", scale.reshape(shape))
-        self.register_buffer("shift", shift.reshape(shape))
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x, self.scale)
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # channels on dim 1, whichever BN (2d, sync, 1d) it was
+        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
 
 
 def replace_batchnorm_left(module: nn.Module) -> None:
