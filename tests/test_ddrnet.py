@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import resnet18
 
-from rtda.config import ConfigError
+from rtda.config import ConfigError, from_dict
 from rtda.models import build_model, deploy
 from rtda.models.deploy import ChannelAffine
 
@@ -147,3 +147,13 @@ def test_a_batchnorm_with_no_conv_before_it_becomes_its_affine_in_any_bn_kind():
             bn.weight.data.normal_(), bn.bias.data.normal_()
         x = torch.randn(shape)
         assert torch.allclose(ChannelAffine(bn.eval())(x), bn(x), atol=1e-6), type(bn).__name__
+
+
+def test_a_trained_checkpoint_of_the_other_variant_is_named_in_the_error(tmp_path):
+    from rtda.models import load_trained_weights
+
+    path = tmp_path / "last.pt"
+    torch.save(build_model({"name": "ddrnet23_slim", "num_classes": 5}).state_dict(), path)
+    with pytest.raises(ConfigError, match=r"holds ddrnet23_slim with 5 classes, but the config builds ddrnet23 with "
+                                          r"19 classes"):
+        load_trained_weights(build_model({"name": "ddrnet23"}), path, from_dict({"model": {"name": "ddrnet23"}}).model)
