@@ -157,3 +157,10 @@ def test_a_trained_checkpoint_of_the_other_variant_is_named_in_the_error(tmp_pat
     with pytest.raises(ConfigError, match=r"holds ddrnet23_slim with 5 classes, but the config builds ddrnet23 with "
                                           r"19 classes"):
         load_trained_weights(build_model({"name": "ddrnet23"}), path, from_dict({"model": {"name": "ddrnet23"}}).model)
+
+
+def test_benchmarks_label_the_network_by_its_own_name():
+    from rtda.bench.common import model_label
+
+    for net, label in (("ddrnet23_slim", "DDRNet-23-slim"), ("ddrnet23", "DDRNet-23")):
+        assert model_label(from_dict({"model": {"name": net}}).model) == label  # not 'ddrnet23_slim-R18'

@@ -8,7 +8,8 @@ from rtda.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THESIS_SIZE = (512, 1024)  # (H, W): the size of the course's FLOPs and latency numbers
-MODEL_NAMES = {"deeplabv2": "DeepLabV2", "bisenet": "BiSeNet"}
+MODEL_NAMES = {"deeplabv2": "DeepLabV2", "bisenet": "BiSeNet",
+               "ddrnet23_slim": "DDRNet-23-slim", "ddrnet23": "DDRNet-23"}
 BACKBONE_NAMES = {"resnet18": "R18", "resnet101": "R101"}
 
 
@@ -43,6 +44,8 @@ def without_pretrained(model_cfg):
 
 
 def model_label(model_cfg) -> str:
-    """'BiSeNet-R18': the model and backbone names the tables and reports print."""
+    """'BiSeNet-R18': the model and backbone names the tables and reports print ('DDRNet-23-slim' alone)."""
     name = MODEL_NAMES.get(model_cfg.name, model_cfg.name)
+    if model_cfg.name not in ("bisenet", "deeplabv2"):  # the zoo's networks are their own backbone
+        return name
     return f"{name}-{BACKBONE_NAMES.get(model_cfg.backbone, model_cfg.backbone)}"
