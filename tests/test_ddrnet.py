@@ -164,3 +164,9 @@ def test_benchmarks_label_the_network_by_its_own_name():
 
     for net, label in (("ddrnet23_slim", "DDRNet-23-slim"), ("ddrnet23", "DDRNet-23")):
         assert model_label(from_dict({"model": {"name": net}}).model) == label  # not 'ddrnet23_slim-R18'
+
+
+def test_a_training_batch_of_one_image_is_one_line():
+    model = build_model({"name": "ddrnet23_slim", "num_classes": 3}).train()
+    with pytest.raises(ValueError, match="ddrnet23_slim trains on batches of at least 2 images"):
+        model(torch.zeros(1, 3, 64, 64))

@@ -214,6 +214,9 @@ class DDRNet(SegmentationModel):
             freeze_bn_affine(self.backbone)
 
     def forward_logits(self, x, with_aux):
+        if self.training and x.shape[0] < 2:
+            raise ValueError(f"{self.variant} trains on batches of at least 2 images: the BN of DAPPM's global "
+                             "branch normalises globally pooled features across the batch")
         low, high, stage3_high = self.backbone(x)
         logits = self.head(_resize(self.spp(low), high) + high)
         aux = {"stage3": self.aux_heads["stage3"](stage3_high)} if with_aux else {}
