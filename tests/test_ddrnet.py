@@ -9,6 +9,7 @@ official classification models (`classification/DDRNet_23_slim.py`, `DDRNet_23.p
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,50 @@ def test_a_training_batch_of_one_image_is_one_line():
     model = build_model({"name": "ddrnet23_slim", "num_classes": 3}).train()
     with pytest.raises(ValueError, match="ddrnet23_slim trains on batches of at least 2 images"):
         model(torch.zeros(1, 3, 64, 64))
+
+
+# our key -> the official segmentation model's (segmentation/DDRNet_23_slim.py `DualResNet`)
+_OFFICIAL_HEAD = {"0": "bn1", "2": "conv1", "3": "bn2", "5": "conv2"}
+
+
+def official_key(key: str) -> str:
+    top, rest = key.split(".", 1)
+    if top == "backbone":
+        return rest
+    if top == "head":
+        index, tail = rest.split(".", 1)
+        return f"final_layer.{_OFFICIAL_HEAD[index]}.{tail}"
+    if top == "aux_heads":
+        _, index, tail = rest.split(".", 2)
+        return f"seghead_extra.{_OFFICIAL_HEAD[index]}.{tail}"
+    return key  # spp.*
+
+
+def official_fill(key: str, like: torch.Tensor) -> torch.Tensor:
+    """The weights the reference logits were computed with: a generator seeded by the official key's crc32."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    if not like.dtype.is_floating_point:
+        return like
+    if key.endswith("running_var"):
+        return torch.rand(like.shape, generator=g) + 0.5
+    if like.dim() == 4:
+        return torch.randn(like.shape, generator=g) / like[0].numel() ** 0.5
+    if key.endswith(".weight"):
+        return 1 + 0.1 * torch.randn(like.shape, generator=g)
+    return 0.1 * torch.randn(like.shape, generator=g)
+
+
+def test_the_same_weights_give_the_official_models_logits():
+    """tests/data/ddrnet23_slim_official_logits.json: the official DualResNet (slim, 19 classes, augment=True, eval)
+    run in a scratch folder on randn(1, 3, 64, 128) (seed 0) with `official_fill` weights: mean, std and six logits
+    of its main and seghead_extra outputs."""
+    reference = json.loads((DATA / "ddrnet23_slim_official_logits.json").read_text())
+    model = build_model({"name": "ddrnet23_slim"}).eval()
+    model.load_state_dict({k: official_fill(official_key(k), v) for k, v in model.state_dict().items()})
+    x = torch.randn(1, 3, 64, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, aux = model.forward_logits(x, with_aux=True)
+    for out, ref in ((logits[0], reference["main"]), (aux["stage3"][0], reference["stage3"])):
+        assert out.shape == (19, 8, 16)
+        assert abs(out.mean().item() - ref["mean"]) < 1e-4 and abs(out.std().item() - ref["std"]) < 1e-4
+        assert all(abs(out[c, y, x_].item() - value) < 1e-4 for c, y, x_, value in ref["samples"])
