@@ -173,7 +173,7 @@ def test_a_training_batch_of_one_image_is_one_line():
         model(torch.zeros(1, 3, 64, 64))
 
 
-# our key -> the official segmentation model's (segmentation/DDRNet_23_slim.py `DualResNet`)
+# our key -> the official segmentation model's (segmentation/DDRNet_23*.py `DualResNet`)
 _OFFICIAL_HEAD = {"0": "bn1", "2": "conv1", "3": "bn2", "5": "conv2"}
 
 
@@ -204,12 +204,13 @@ def official_fill(key: str, like: torch.Tensor) -> torch.Tensor:
     return 0.1 * torch.randn(like.shape, generator=g)
 
 
-def test_the_same_weights_give_the_official_models_logits():
-    """tests/data/ddrnet23_slim_official_logits.json: the official DualResNet (slim, 19 classes, augment=True, eval)
-    run in a scratch folder on randn(1, 3, 64, 128) (seed 0) with `official_fill` weights: mean, std and six logits
-    of its main and seghead_extra outputs."""
-    reference = json.loads((DATA / "ddrnet23_slim_official_logits.json").read_text())
-    model = build_model({"name": "ddrnet23_slim"}).eval()
+@pytest.mark.parametrize("net", NETS)
+def test_the_same_weights_give_the_official_models_logits(net):
+    """tests/data/<net>_official_logits.json: the official DualResNet (19 classes, augment=True, eval) run in a
+    scratch folder on randn(1, 3, 64, 128) (seed 0) with `official_fill` weights: mean, std and six logits of its
+    main and seghead_extra outputs."""
+    reference = json.loads((DATA / f"{net}_official_logits.json").read_text())
+    model = build_model({"name": net}).eval()
     model.load_state_dict({k: official_fill(official_key(k), v) for k, v in model.state_dict().items()})
     x = torch.randn(1, 3, 64, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
