@@ -450,14 +450,19 @@ def test_adaptation_table_gives_each_method_its_share_of_the_oracle_gap(tmp_path
     assert rows["oracle_bisenet"][3:5] == ["+40.0", ""] and rows["gta5_bisenet"][3:5] == ["", ""]
 
 
-def test_adaptation_table_trains_every_row_two_at_a_time_and_then_reuses_them(tmp_path, synthetic_root, monkeypatch):
+def test_adaptation_table_trains_its_rows_two_at_a_time_and_then_reuses_them(tmp_path, synthetic_root, monkeypatch):
     from conftest import tiny_overrides
 
+    # the references, FDA's three bands (the multi-band mean and the SSL round build on them) and one method: every
+    # row's config trains end to end in test_adapt/test_sota, so the runner's queue needs no more than these
+    configs = ("gta5_bisenet", "oracle_bisenet", *synthetic_table.FDA_BANDS, "gta5_bisenet_dacs")
+    monkeypatch.setattr(synthetic_table, "BENCHMARK_CONFIGS", configs)
     work = tmp_path / "bench"
     overrides = tiny_overrides(synthetic_root, **{"train.iters": 2})
     table = synthetic_table.run_adaptation_table(work, [0], overrides, ssl=True, jobs=2, threads=1)
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
-    assert rows == list(synthetic_table.TABLE_ROWS)  # every method, the multi-band mean and the SSL round
+    expected = {*configs, synthetic_table.MBT, "gta5_bisenet_fda_ssl"}  # the multi-band mean and the SSL round too
+    assert rows == [row for row in synthetic_table.TABLE_ROWS if row in expected]
     assert table == (work / "table.md").read_text()
     trained = {m["config_name"] for m in synthetic_table.finished_runs(work).values()} - {synthetic_table.MBT}
     assert trained == {*synthetic_table.BENCHMARK_CONFIGS, "gta5_bisenet_fda_ssl"}

@@ -116,7 +116,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["deeplabv2", "bisenet", "stdc1", "stdc2", "pidnet_s", "pidnet_m", "bisenetv2"] = field(default="bisenet", metadata=STRUCTURE)
+    name: Literal["deeplabv2", "bisenet", "bisenetv2", "stdc1", "stdc2", "ddrnet23_slim", "ddrnet23", "pidnet_s",
+                  "pidnet_m"] = field(default="bisenet", metadata=STRUCTURE)
     # BiSeNet's context path; DeepLabV2 is always ResNet-101
     backbone: Literal["resnet18", "resnet101"] = field(default="resnet18", metadata=STRUCTURE)
     pretrained: str = "none"  # none | imagenet | PATH to a state dict

@@ -19,6 +19,7 @@ from rtda.models.base import SegmentationModel, SegOutput
 from rtda.models.bisenet import BiSeNet
 from rtda.models.bisenetv2 import BiSeNetV2
 from rtda.models.checkpoints import backbone_name, describe, load_trained_weights
+from rtda.models.ddrnet import build_ddrnet23, build_ddrnet23_slim
 from rtda.models.deeplabv2 import DeepLabV2
 from rtda.models.deploy import deploy
 from rtda.models.losses import Ohem
@@ -68,7 +69,9 @@ def build_bisenetv2(cfg: ModelConfig) -> BiSeNetV2:
     return BiSeNetV2(cfg.num_classes, input_norm=cfg.input_norm)
 
 
-MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet, "stdc1": build_stdc, "stdc2": build_stdc, "pidnet_s": build_pidnet, "pidnet_m": build_pidnet, "bisenetv2": build_bisenetv2}
+MODELS = {"deeplabv2": build_deeplabv2, "bisenet": build_bisenet, "bisenetv2": build_bisenetv2, "stdc1": build_stdc,
+          "stdc2": build_stdc, "ddrnet23_slim": build_ddrnet23_slim, "ddrnet23": build_ddrnet23,
+          "pidnet_s": build_pidnet, "pidnet_m": build_pidnet}
 
 
 def build_model(cfg: ModelConfig | Mapping) -> SegmentationModel:

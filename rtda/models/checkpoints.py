@@ -49,6 +49,9 @@ def describe_state(state: dict) -> str:
         rates = sum(1 for k in state if k.startswith("classifier.branches.") and k.endswith(".weight"))
         aux = ", aux head" if any(k.startswith("aux_heads.") for k in state) else ""
         return f"deeplabv2/resnet101 with {classes} classes ({rates} ASPP rates{aux})"
+    if "aux_heads.stage3.5.weight" in state:  # DDRNet (models/ddrnet.py): c = 32 slim, 64 full
+        variant = "ddrnet23_slim" if shape("backbone.conv1.0.weight")[0] == 32 else "ddrnet23"
+        return f"{variant} with {shape('head.5.weight')[0]} classes"
     return f"an unknown model ({len(state)} tensors, e.g. {next(iter(state), 'none')!r})"
 
 

@@ -5,7 +5,8 @@
     graph = fast.graph()          # the same computation without the inference-mode switch (export, compile)
 
 Folding a BN layer into the conv before it removes one full read and write of every feature map, and
-channels_last lets the oneDNN (CPU) and cuDNN convolutions skip their layout conversions.
+channels_last lets the oneDNN (CPU) and cuDNN convolutions skip their layout conversions. A BN that no conv
+precedes (pre-activation BN -> ReLU -> conv, as in DDRNet's DAPPM and heads) stays one per-channel multiply-add.
 """
 from __future__ import annotations
 
@@ -68,10 +69,7 @@ def deploy(model: SegmentationModel) -> DeployedModel:
     folded = copy.deepcopy(model).eval()
     folded.aux_heads = nn.ModuleDict()
     fold_batchnorm(folded)
-    # a BN marked `pre_activation` (BN-ReLU-conv: PIDNet's PPM and seg heads) has no conv before it and stays
-    left = [name for name, m in folded.named_modules() if isinstance(m, _BN) and not getattr(m, "pre_activation", 0)]
-    if left:
-        raise RuntimeError(f"deploy: BN layers without a conv before them could not be folded: {', '.join(left)}")
+    replace_batchnorm_left(folded)
     for p in folded.parameters():
         p.requires_grad_(False)
     return DeployedModel(folded.to(memory_format=torch.channels_last))
@@ -119,3 +117,30 @@ def fuse_bn_pointwise_conv(bn: _BN, conv: nn.Conv2d) -> nn.Conv2d:
     bias = weight.flatten(1) @ shift.detach()
     fused.bias.data.copy_(bias if conv.bias is None else bias + conv.bias.detach())
     return fused
+
+
+class ChannelAffine(nn.Module):
+    """What an eval-mode BN computes, x * scale + shift per channel, for a BN that no conv precedes (the
+    pre-activation BN, ReLU, conv of DDRNet's DAPPM and heads): nothing to fold it into, one multiply-add left."""
+
+    def __init__(self, bn: _BN):
+        super().__init__()
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach()
+        shift = -bn.running_mean * scale + (0 if bn.bias is None else bn.bias.detach())
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # channels on dim 1, whichever BN (2d, sync, 1d) it was
+        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
+
+
+def replace_batchnorm_left(module: nn.Module) -> None:
+    """Replace, in place, every BN that `fold_batchnorm` left (no conv right before it) by its `ChannelAffine`."""
+    for name, child in module.named_children():
+        if isinstance(child, _BN):
+            setattr(module, name, ChannelAffine(child))
+        else:
+            replace_batchnorm_left(child)

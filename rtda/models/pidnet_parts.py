@@ -3,20 +3,14 @@ the authors' ImageNet files load by name: residual blocks, Pag (pixel-attention-
 aggregation PPM, PIDNet-S/M), Light-Bag (boundary-attention-guided fusion) and the seg head.
 
 BN layers that come before their ReLU and conv (the PPM's and the seg head's pre-activation BNs) have no conv
-before them to fold into: they are marked `pre_activation`, and the deploy form keeps them as they are (a
-per-channel multiply-add), as the authors' own speed test does.
+before them to fold into: the deploy form keeps each as its per-channel multiply-add (rtda.models.deploy), as the
+authors' own speed test keeps the BN.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def pre_activation_bn(channels: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(channels)
-    bn.pre_activation = True  # rtda.models.deploy: nothing to fold it into, it stays
-    return bn
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
@@ -93,7 +87,7 @@ class PagFM(nn.Module):
 
 
 def _bn_relu_conv(in_channels: int, out_channels: int, kernel: int = 1, groups: int = 1) -> list[nn.Module]:
-    return [pre_activation_bn(in_channels), nn.ReLU(inplace=True),
+    return [nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
             nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, groups=groups, bias=False)]
 
 
