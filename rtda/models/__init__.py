@@ -61,7 +61,8 @@ def build_bisenetv2(cfg: ModelConfig) -> BiSeNetV2:
     # trained from scratch, as its paper; a whole trained network is a checkpoint, not a backbone file
     if cfg.pretrained != "none":
         raise ConfigError(f"model.pretrained = {cfg.pretrained}: BiSeNetV2 trains from scratch and has no ImageNet "
-                          "weights to load; use none (a trained bisenetv2 is read by eval.py --checkpoint, train.py --resume)")
+                          "weights to load; use none (a trained bisenetv2 is read by eval.py --checkpoint, "
+                          "train.py --resume)")
     for key in ("aux_head", "freeze_bn"):  # its four booster heads are always built; its BN trains from scratch
         if getattr(cfg, key):
             raise ConfigError(f"model.{key} = true: not a BiSeNetV2 option (its four booster heads are always "
