@@ -16,7 +16,7 @@ from rtda.models import MODELS, build_model, deploy
 from test_adapt import FakeContext
 
 ZOO = sorted(set(MODELS) - {"deeplabv2"})
-C, H, W = 5, 64, 64
+C, H, W = 5, 32, 64
 # each strategy with the parts that touch the network: multi-level discriminators on the first aux output, FDA's
 # entropy and its self-supervised round, DACS's teacher, DAFormer's feature distance, MIC's masked images
 STRATEGIES = {
