@@ -95,6 +95,12 @@ def make_stage(block: type, in_channels: int, channels: int, blocks: int, stride
     return nn.Sequential(*layers)
 
 
+def stem(planes: int) -> nn.Sequential:
+    """The official stem of DDRNet and PIDNet (the `conv1` keys): two 3x3 stride-2 conv-BN-ReLU to 1/4."""
+    return nn.Sequential(nn.Conv2d(3, planes, 3, 2, 1), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+                         nn.Conv2d(planes, planes, 3, 2, 1), nn.BatchNorm2d(planes), nn.ReLU(inplace=True))
+
+
 def _conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(out_channels)]
 
@@ -106,8 +112,7 @@ class DualResolutionBackbone(nn.Module):
     def __init__(self, planes: int):
         super().__init__()
         high = planes * 2
-        self.conv1 = nn.Sequential(nn.Conv2d(3, planes, 3, 2, 1), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-                                   nn.Conv2d(planes, planes, 3, 2, 1), nn.BatchNorm2d(planes), nn.ReLU(inplace=True))
+        self.conv1 = stem(planes)
         self.layer1 = make_stage(BasicBlock, planes, planes, 2)
         self.layer2 = make_stage(BasicBlock, planes, planes * 2, 2, stride=2)
         self.layer3 = make_stage(BasicBlock, planes * 2, planes * 4, 2, stride=2)

@@ -50,9 +50,10 @@ from torch import nn
 
 from rtda.config import ConfigError
 from rtda.models.base import SegmentationModel, SegOutput, freeze_bn_affine
+from rtda.models.ddrnet import BasicBlock, Bottleneck, make_stage, stem
 from rtda.models.grid import upsample
 from rtda.models.losses import pixel_cross_entropy
-from rtda.models.pidnet_parts import PAPPM, BasicBlock, Bottleneck, LightBag, PagFM, conv_bn, make_layer, seg_head
+from rtda.models.pidnet_parts import PAPPM, LightBag, PagFM, conv_bn, seg_head
 
 # width of each variant (models/pidnet.py get_seg_model): planes, PPM branch planes, seg head planes
 VARIANTS = {"pidnet_s": (32, 96, 128), "pidnet_m": (64, 96, 128)}
@@ -69,20 +70,19 @@ class PIDNetBackbone(nn.Module):
 
     def __init__(self, planes: int):
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(3, planes, 3, 2, 1), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-                                   nn.Conv2d(planes, planes, 3, 2, 1), nn.BatchNorm2d(planes), nn.ReLU(inplace=True))
-        self.layer1 = make_layer(BasicBlock, planes, planes, 2)
-        self.layer2 = make_layer(BasicBlock, planes, planes * 2, 2, stride=2)
-        self.layer3 = make_layer(BasicBlock, planes * 2, planes * 4, 3, stride=2)
-        self.layer4 = make_layer(BasicBlock, planes * 4, planes * 8, 3, stride=2)
-        self.layer5 = make_layer(Bottleneck, planes * 8, planes * 8, 2, stride=2)
+        self.conv1 = stem(planes)
+        self.layer1 = make_stage(BasicBlock, planes, planes, 2)
+        self.layer2 = make_stage(BasicBlock, planes, planes * 2, 2, stride=2)
+        self.layer3 = make_stage(BasicBlock, planes * 2, planes * 4, 3, stride=2)
+        self.layer4 = make_stage(BasicBlock, planes * 4, planes * 8, 3, stride=2)
+        self.layer5 = make_stage(Bottleneck, planes * 8, planes * 8, 2, stride=2)
         self.compression3 = conv_bn(planes * 4, planes * 2, 1)
         self.compression4 = conv_bn(planes * 8, planes * 2, 1)
         self.pag3 = PagFM(planes * 2, planes)
         self.pag4 = PagFM(planes * 2, planes)
-        self.layer3_ = make_layer(BasicBlock, planes * 2, planes * 2, 2)
-        self.layer4_ = make_layer(BasicBlock, planes * 2, planes * 2, 2)
-        self.layer5_ = make_layer(Bottleneck, planes * 2, planes * 2, 1)
+        self.layer3_ = make_stage(BasicBlock, planes * 2, planes * 2, 2)
+        self.layer4_ = make_stage(BasicBlock, planes * 2, planes * 2, 2)
+        self.layer5_ = make_stage(Bottleneck, planes * 2, planes * 2, 1)
 
 
 class PIDNet(SegmentationModel):
@@ -95,9 +95,9 @@ class PIDNet(SegmentationModel):
         planes, ppm_planes, head_planes = VARIANTS[variant]
         self.backbone = PIDNetBackbone(planes)
         # D branch (m = 2: one BasicBlock and one Bottleneck), the PPM and the fusion
-        self.layer3_d = BasicBlock(planes * 2, planes, downsample=conv_bn(planes * 2, planes, 1), no_relu=True)
-        self.layer4_d = make_layer(Bottleneck, planes, planes, 1)
-        self.layer5_d = make_layer(Bottleneck, planes * 2, planes * 2, 1)
+        self.layer3_d = BasicBlock(planes * 2, planes, downsample=conv_bn(planes * 2, planes, 1), relu_out=False)
+        self.layer4_d = make_stage(Bottleneck, planes, planes, 1)
+        self.layer5_d = make_stage(Bottleneck, planes * 2, planes * 2, 1)
         self.diff3 = conv_bn(planes * 4, planes, 3)
         self.diff4 = conv_bn(planes * 8, planes * 2, 3)
         self.spp = PAPPM(planes * 16, ppm_planes, planes * 4)

@@ -1,6 +1,7 @@
 """PIDNet's building blocks (XuJiacong/PIDNet models/model_utils.py, MIT), under the official attribute names so
-the authors' ImageNet files load by name: residual blocks, Pag (pixel-attention-guided fusion), PAPPM (parallel
-aggregation PPM, PIDNet-S/M), Light-Bag (boundary-attention-guided fusion) and the seg head.
+the authors' ImageNet files load by name: Pag (pixel-attention-guided fusion), PAPPM (parallel
+aggregation PPM, PIDNet-S/M), Light-Bag (boundary-attention-guided fusion) and the seg head. The residual
+blocks, their stages and the stem are DDRNet's (rtda/models/ddrnet.py), which PIDNet's code inherits.
 
 BN layers that come before their ReLU and conv (the PPM's and the seg head's pre-activation BNs) have no conv
 before them to fold into: the deploy form keeps each as its per-channel multiply-add (rtda.models.deploy), as the
@@ -17,57 +18,6 @@ def conv_bn(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
     """Conv (no bias, 'same' padding) + BN: the official compression/diff/downsample/Pag/Bag projections."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
                          nn.BatchNorm2d(out_channels))
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 no_relu: bool = False):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample, self.no_relu = downsample, no_relu
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        out = out + (x if self.downsample is None else self.downsample(x))
-        return out if self.no_relu else F.relu(out)
-
-
-class Bottleneck(nn.Module):
-    expansion = 2
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 no_relu: bool = True):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.downsample, self.no_relu = downsample, no_relu
-
-    def forward(self, x):
-        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-        out = self.bn3(self.conv3(out)) + (x if self.downsample is None else self.downsample(x))
-        return out if self.no_relu else F.relu(out)
-
-
-def make_layer(block, inplanes: int, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-    """The official `_make_layer`: a strided (or widening) first block with a 1x1 conv-BN shortcut, then blocks
-    with a ReLU at the end except the last (the caller applies it where the official forward does)."""
-    downsample = None
-    if stride != 1 or inplanes != planes * block.expansion:
-        downsample = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-                                   nn.BatchNorm2d(planes * block.expansion))
-    layers = [block(inplanes, planes, stride, downsample)]
-    for i in range(1, blocks):
-        layers.append(block(planes * block.expansion, planes, no_relu=i == blocks - 1))
-    return nn.Sequential(*layers)
 
 
 class PagFM(nn.Module):

@@ -116,7 +116,8 @@ def _load_checked(net: nn.Module, state: dict, name: str, source: str) -> int:
     for problem, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if keys:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-            raise ConfigError(f"model.pretrained = {source}: {len(keys)} {problem} backbone tensors for {name}: {shown}")
+            raise ConfigError(f"model.pretrained = {source}: {len(keys)} {problem} backbone tensors for {name}: "
+                              f"{shown}")
     net.load_state_dict(state, strict=False)  # strict checks done above, with a clearer message
     print(f"model.pretrained: loaded {len(state)} backbone tensors from {source}", flush=True)
     return len(state)
