@@ -181,15 +181,20 @@ from pathlib import Path
 from rtda.engine.resume import lock_run
 from rtda.runs import RunLockError
 from rtda.utils.distributed import broadcast_object, close_distributed, init_distributed
+
+def say(line):  # one write per line: the ranks share a pipe, and print's separate writes interleave between them
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+
 dist = init_distributed()
 with lock_run(Path(sys.argv[1]), dist):  # a free folder: rank 0 takes it, rank 1 follows
-    print(f"rank {dist.rank} pid {os.getpid()} in; lock file pid", broadcast_object(
-        Path(sys.argv[1], "run.lock").read_text() if dist.is_main else None), flush=True)
+    lock_text = broadcast_object(Path(sys.argv[1], "run.lock").read_text() if dist.is_main else None)
+    say(f"rank {dist.rank} pid {os.getpid()} in; lock file pid " + lock_text.replace("\\n", " "))
 try:
     with lock_run(Path(sys.argv[2]), dist):  # held by another process: every rank is refused
-        print(f"rank {dist.rank} in", flush=True)
+        say(f"rank {dist.rank} in")
 except RunLockError as exc:
-    print(f"rank {dist.rank} refused: {exc}", flush=True)
+    say(f"rank {dist.rank} refused: " + str(exc).replace("\\n", " "))
 close_distributed()
 """
 
