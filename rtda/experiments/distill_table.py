@@ -1,12 +1,14 @@
-"""The synthetic distillation table: BiSeNet-R18 distilled from an adapted BiSeNet-R101 teacher, against the same
-student adapted on its own with DACS and with DAFormer-DACS, and the teacher itself, over seeds.
+"""The synthetic distillation table: BiSeNet-R18 distilled from an adapted teacher (by default the BiSeNet-R101 of
+configs/synthetic/gta5_bisenet_r101_daformer_dacs.yaml), against the same student adapted on its own with DACS and
+with DAFormer-DACS, and the teacher itself, over seeds.
 
-    python -m rtda.experiments.distill_table --work-dir runs/distill_table --seeds 0 1 2 [key=value ...]
+    python -m rtda.experiments.distill_table --seeds 0 1 2 [--teacher CONFIG_NAME] [key=value ...]
 
 Each run is a `train.py` process, one at a time, in seed order (teacher, student by distillation, DACS,
-DAFormer-DACS for seed 0 first), the student of seed N distilling the teacher of seed N (its last.pt). Finished runs
-are reused and an interrupted one resumes (rtda.experiments.synthetic_table's queue and work-dir stamp); the table is
-written to WORK_DIR/table.md after every finished run.
+DAFormer-DACS for seed 0 first), the student of seed N distilling the teacher of seed N (its last.pt); a teacher that
+is one of the rows (`--teacher gta5_bisenet_daformer_dacs`) trains once. Finished runs are reused and an interrupted
+one resumes (rtda.experiments.synthetic_table's queue and work-dir stamp); the table is written to
+WORK_DIR/table.md (default runs/distill_table_TEACHER) after every finished run.
 """
 from __future__ import annotations
 
@@ -15,35 +17,44 @@ import statistics
 import sys
 from pathlib import Path
 
-from rtda.experiments.common import ExperimentError
+from rtda.experiments.common import SYNTHETIC, ExperimentError
 from rtda.experiments.synthetic_table import check_work_dir, finished_runs, train_runs
 from rtda.utils.files import atomic_write_text
 
 TEACHER, STUDENT = "gta5_bisenet_r101_daformer_dacs", "gta5_bisenet_distill"
-ROWS = (TEACHER, STUDENT, "gta5_bisenet_dacs", "gta5_bisenet_daformer_dacs")
+SELF_TRAINED = ("gta5_bisenet_dacs", "gta5_bisenet_daformer_dacs")
 
 
-def run_distill_table(work_dir: Path, seeds: list[int], overrides: list[str], threads: int | None = None) -> str:
-    """Train the missing runs of ROWS for each seed, one process at a time; return the markdown table (also in
-    work_dir/table.md). Raises RuntimeError listing the runs that failed once the others have finished."""
+def rows(teacher: str) -> tuple[str, ...]:
+    """The table's rows in training order: the teacher, the distilled student, the student's own adaptations."""
+    return tuple(dict.fromkeys((teacher, STUDENT, *SELF_TRAINED)))
+
+
+def run_distill_table(work_dir: Path, seeds: list[int], overrides: list[str], threads: int | None = None,
+                      teacher: str = TEACHER) -> str:
+    """Train the missing runs of `rows(teacher)` for each seed, one process at a time; return the markdown table
+    (also in work_dir/table.md). Raises RuntimeError listing the runs that failed once the others have finished."""
+    if not (SYNTHETIC / f"{teacher}.yaml").is_file():
+        raise ExperimentError(f"--teacher {teacher}: no configs/synthetic/{teacher}.yaml")
     check_work_dir(work_dir, overrides)
     results = finished_runs(work_dir)
 
     def refresh():
         results.update(finished_runs(work_dir))
-        write_table(work_dir, results)
+        write_table(work_dir, results, teacher)
 
     failed = []
     for seed in seeds:
-        for name in ROWS:
+        for name in rows(teacher):
             if (name, seed) in results:
                 continue
             extra = []
             if name == STUDENT:
-                if (TEACHER, seed) not in results:
-                    failed.append(f"{STUDENT} seed {seed} skipped: its teacher ({TEACHER} seed {seed}) did not finish")
+                if (teacher, seed) not in results:
+                    failed.append(f"{STUDENT} seed {seed} skipped: its teacher ({teacher} seed {seed}) did not finish")
                     continue
-                extra = [f"adapt.teacher.checkpoint={results[TEACHER, seed]['run_dir'] / 'last.pt'}"]
+                extra = [f"adapt.teacher.config={SYNTHETIC / f'{teacher}.yaml'}",
+                         f"adapt.teacher.checkpoint={results[teacher, seed]['run_dir'] / 'last.pt'}"]
             failed += train_runs([(name, seed, extra)], overrides, work_dir, 1, threads, refresh)
     refresh()
     if failed:
@@ -51,14 +62,14 @@ def run_distill_table(work_dir: Path, seeds: list[int], overrides: list[str], th
     return (work_dir / "table.md").read_text()
 
 
-def write_table(work_dir: Path, results: dict) -> None:
+def write_table(work_dir: Path, results: dict, teacher: str = TEACHER) -> None:
     """Per row: mean ± sample std of the final mIoU over seeds, the difference to the student's DACS row, the seeds'
     values and the mean wall time of a run."""
-    by_row = {row: sorted((seed, m) for (name, seed), m in results.items() if name == row) for row in ROWS}
+    by_row = {row: sorted((seed, m) for (name, seed), m in results.items() if name == row) for row in rows(teacher)}
     means = {row: statistics.mean(m["final"]["mIoU"] for _, m in runs) for row, runs in by_row.items() if runs}
     lines = ["| Run | Seeds | mIoU (mean ± std) | vs student DACS | per seed | train time per run (s) |",
              "|---|---|---|---|---|---|"]
-    for row in ROWS:
+    for row in rows(teacher):
         if not by_row[row]:
             continue
         vals = [m["final"]["mIoU"] for _, m in by_row[row]]
@@ -74,13 +85,15 @@ def write_table(work_dir: Path, results: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rtda.experiments.distill_table",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/distill_table"))
+    parser.add_argument("--work-dir", type=Path, default=None, help="default: runs/distill_table_TEACHER")
+    parser.add_argument("--teacher", default=TEACHER, help=f"synthetic config of the teacher (default {TEACHER})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each run (default: every core)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     args = parser.parse_args(argv)
     try:
-        print(run_distill_table(args.work_dir, args.seeds, args.overrides, args.threads))
+        work_dir = args.work_dir or Path(f"runs/distill_table_{args.teacher}")
+        print(run_distill_table(work_dir, args.seeds, args.overrides, args.threads, args.teacher))
     except (ExperimentError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
