@@ -1,6 +1,6 @@
 """Distillation of a frozen adapted teacher into a real-time student (`adapt.name: distill`).
 
-The recipe of the lightweight-UDA papers (DAKD, CLDA, DUDA; docs/recipes.md): a large network adapted first (DACS,
+The recipe of the lightweight-UDA papers (DAKD, CLDA, DUDA): a large network adapted first (DACS,
 DAFormer-DACS, MIC), then a small student trained on the labelled source and, on the target, on the teacher's
 knowledge: its pseudo-labels with DACS's confidence weight, a temperature-scaled KL on the logits, and optionally
 ClassMix of source and target with the teacher's labels on the target part.
