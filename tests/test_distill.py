@@ -179,8 +179,12 @@ def test_distill_reads_only_the_keys_it_declares(tmp_path):
 
 
 # ------------------------------------------------------------------------------ end to end (train.py)
-def test_synthetic_distill_trains_and_a_resume_refuses_another_teacher_file(tmp_path):
+def test_synthetic_distill_trains_and_a_resume_refuses_another_teacher_file(tmp_path, monkeypatch):
     from rtda.engine import train
+
+    built = []  # the teachers train.py builds, kept for a look after the run
+    real_init = distill.FrozenTeacher.__init__
+    monkeypatch.setattr(distill.FrozenTeacher, "__init__", lambda self, cfg: real_init(self, cfg) or built.append(self))
 
     root = tmp_path / "data"
     teacher_cfg = load_config(SYNTHETIC_DISTILL).adapt.teacher.config
@@ -192,6 +196,11 @@ def test_synthetic_distill_trains_and_a_resume_refuses_another_teacher_file(tmp_
                                         REPO / teacher_cfg, "adapt.teacher.checkpoint": teacher_file})
     run_dir = train(load_config(SYNTHETIC_DISTILL, overrides), work_dir=tmp_path / "runs")
     assert json.loads((run_dir / "metrics.json").read_text())["adapt"] == "distill"
+    (teacher,) = built
+    saved = torch.load(teacher_file)
+    assert not teacher.model.training and all(p.grad is None and not p.requires_grad
+                                              for p in teacher.model.parameters())
+    assert all(torch.equal(v.cpu(), saved[k]) for k, v in teacher.model.state_dict().items())
     state = load_checkpoint(run_dir / "last.pt")
     assert list(state["strategy"]) == ["_extra_state"]  # path and checksum only, no teacher tensor
     assert state["strategy"]["_extra_state"]["teacher_sha256"] == before == file_sha256(teacher_file)
