@@ -450,9 +450,11 @@ def test_every_synthetic_adaptation_config_is_covered():
             "gta5_bisenet_fda_b0.09", "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs"} <= names
 
 
-# fda_b0.09 and fda_ssl run in the pseudo-label test, dacs in the resume test
+# fda_b0.09 and fda_ssl run in the pseudo-label test, dacs in the resume test, distill (it needs a trained teacher)
+# in tests/test_distill.py
 @pytest.mark.parametrize("config", [p for p in ADAPT_CONFIGS if p.stem not in (
-    "gta5_bisenet_fda_b0.09", "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs")], ids=lambda p: p.stem)
+    "gta5_bisenet_fda_b0.09", "gta5_bisenet_fda_ssl", "gta5_bisenet_dacs", "gta5_bisenet_distill")],
+    ids=lambda p: p.stem)
 def test_synthetic_config_trains_end_to_end(config, tiny_root, tmp_path):
     from rtda.engine import train
 

@@ -77,14 +77,16 @@ def tiny_tree(tmp_path_factory) -> dict:
     return fake_layout.write_layout_tree(tmp_path_factory.mktemp("layouts"), 4, 2, gpu_check.TINY_STORED_HW)
 
 
-def test_every_protocol_config_reads_the_written_layouts(tiny_tree):
+def test_every_protocol_config_reads_the_written_layouts(tiny_tree, tmp_path):
     """Each config's train.py overrides validate, its three data sets load an item from the written files
-    (pseudo-labels for the SSL round included), and its strategy accepts the tiny sizes."""
+    (pseudo-labels for the SSL round included), and its strategy accepts the tiny sizes (distill's with the
+    stand-in teachers the check writes)."""
     from rtda.adapt import build_strategy
     from rtda.datasets import build_dataset
     from rtda.models import build_model
 
     configs = gpu_check.protocol_configs()
+    tiny_tree = {**tiny_tree, "teachers": gpu_check.write_standin_teachers(tmp_path, configs, tiny=True)}
     assert {p.stem for p in configs} >= {"cityscapes_bisenet", "gta5_bisenet_fda_ssl", "gta5_deeplabv2_dacs"}
     assert not any("synthetic" in str(p) or "_base_" in str(p) for p in configs)
     deeplab = None

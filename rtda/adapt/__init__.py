@@ -7,6 +7,7 @@ STRATEGIES below, its config keys in `AdaptConfig` and its config files (docs/ar
     losses.py       segmentation CE (plain or pixel-weighted), entropy maps, upsampled softmaxes
     mixing.py       DACS's and MIC's batched augmentations        ema.py        the teacher's EMA
     daformer.py     DAFormer's options of DACS                    pseudo_labels.py  FDA's pseudo-label command
+    distill.py      a frozen adapted teacher into the student (pseudo-labels, KL, ClassMix)
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from rtda.adapt.advent import AdvEnt, MinEnt
 from rtda.adapt.adversarial import Adversarial
 from rtda.adapt.base import Strategy
 from rtda.adapt.dacs import DACS
+from rtda.adapt.distill import Distill
 from rtda.adapt.fda import FDA
 from rtda.adapt.mic import MIC
 from rtda.adapt.source_only import SourceOnly
 from rtda.config import Config, ConfigError
 
 __all__ = ["STRATEGIES", "Strategy", "build_strategy", "SourceOnly", "Adversarial", "MinEnt",
-           "AdvEnt", "FDA", "DACS", "MIC"]
+           "AdvEnt", "FDA", "DACS", "MIC", "Distill"]
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "none": SourceOnly,
@@ -32,6 +34,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "minent": MinEnt,
     "advent": AdvEnt,
     "mic": MIC,
+    "distill": Distill,
 }
 
 

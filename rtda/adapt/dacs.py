@@ -92,21 +92,14 @@ class DACS(Strategy):
             out_t = self.teacher(images)
             logits_t = out_t.logits if hasattr(out_t, "logits") else out_t
             probs = upsample(logits_t.float(), images.shape[-2:], align_corners_of(self.teacher)).softmax(1)
-        confidence, pseudo = probs.max(1)
-        pseudo_weight = (confidence >= self.cfg.adapt.pseudo_threshold).float().mean()
-        return pseudo, confidence, pseudo_weight
+        return confident_pseudo_labels(probs, self.cfg.adapt.pseudo_threshold)
 
     def _mix_step(self, model, source, target, pseudo, confidence, target_weight, gen, ctx) -> torch.Tensor:
         """ClassMix of source into target, jittered and blurred; pixel-weighted CE on the mixed labels (source
         pixels weight 1, target pixels `target_weight`); backward. Returns the unweighted mix loss."""
         a, cfg = self.cfg.adapt, self.cfg
-        mask = mixing.class_mix_masks(source["label"], cfg.model.num_classes, a.mix_fraction, gen,
-                                      a.mix_ignore_as_class, a.mix_classes_from_batch)
-        mixed = torch.where(mask[:, None], source["image"], target["image"]).float()
-        mixed = mixing.color_jitter(mixed, a.jitter_strength, a.jitter_p, gen)
-        mixed = mixing.gaussian_blur(mixed, a.blur_sigma, a.blur_kernel, a.blur_p, gen)
-        mixed_label = torch.where(mask, source["label"], pseudo)
-        weight = torch.where(mask, torch.ones_like(confidence), target_weight)
+        mixed, mixed_label, weight = mixing.class_mix(source, target["image"], pseudo, target_weight, a,
+                                                      cfg.model.num_classes, gen)
         with ctx.autocast():
             loss_mix = segmentation_loss(model, model(mixed), mixed_label, weight)
         ctx.backward(a.mix_weight * loss_mix)
@@ -124,12 +117,19 @@ class DACS(Strategy):
         ema_update(*self._param_pairs, ema_alpha(ctx.iteration, self.cfg.adapt.ema_alpha))
 
 
+def confident_pseudo_labels(probs: torch.Tensor, threshold: float):
+    """DACS's pseudo-labels from a teacher's softmax [B, C, H, W]: the argmax [B, H, W], its confidence, and the
+    batch's scalar pseudo-label weight, the share of pixels whose confidence is at or above `threshold`."""
+    confidence, pseudo = probs.max(1)
+    return pseudo, confidence, (confidence >= threshold).float().mean()
+
+
 def _check_sizes(cfg: Config) -> None:
     """DACS mixes pixel for pixel: equal source and target sizes, or a crop that fits both."""
     src, tgt, crop = cfg.data.source.size, cfg.data.target.size, cfg.adapt.crop
     if crop is None and src != tgt:
-        raise ConfigError(f"adapt.name = dacs mixes source and target pixel for pixel: data.source.size {src} "
-                          f"and data.target.size {tgt} must be equal, or set adapt.crop [width, height]")
+        raise ConfigError(f"adapt.name = {cfg.adapt.name} mixes source and target pixel for pixel: data.source.size "
+                          f"{src} and data.target.size {tgt} must be equal, or set adapt.crop [width, height]")
     if crop is not None and (len(crop) != 2 or crop[0] > min(src[0], tgt[0]) or crop[1] > min(src[1], tgt[1])):
         raise ConfigError(f"adapt.crop = {crop}: expected [width, height] no larger than data.source.size {src} "
                           f"and data.target.size {tgt}")

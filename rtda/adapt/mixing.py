@@ -44,6 +44,24 @@ def class_mix_masks(labels: torch.Tensor, num_classes: int, fraction: float,
     return chosen.gather(1, ids).view_as(labels)
 
 
+def class_mix(source: dict, target_images: torch.Tensor, pseudo: torch.Tensor, target_weight: torch.Tensor, a,
+              num_classes: int, generator: torch.Generator | None = None):
+    """DACS's mixed batch: ClassMix of `source` (image, label) into the target images, colour-jittered and blurred.
+
+    `a` is the `adapt` section (mix_fraction, mix_ignore_as_class, mix_classes_from_batch, jitter_*, blur_*).
+    Returns (mixed float images, mixed labels: source labels where pasted and `pseudo` elsewhere, pixel weights: 1
+    where pasted and `target_weight` [B, H, W] elsewhere). Draws mask, jitter and blur in that order.
+    """
+    mask = class_mix_masks(source["label"], num_classes, a.mix_fraction, generator, a.mix_ignore_as_class,
+                           a.mix_classes_from_batch)
+    mixed = torch.where(mask[:, None], source["image"], target_images).float()
+    mixed = color_jitter(mixed, a.jitter_strength, a.jitter_p, generator)
+    mixed = gaussian_blur(mixed, a.blur_sigma, a.blur_kernel, a.blur_p, generator)
+    mixed_label = torch.where(mask, source["label"], pseudo)
+    weight = torch.where(mask, torch.ones_like(target_weight), target_weight)
+    return mixed, mixed_label, weight
+
+
 def color_jitter(images: torch.Tensor, strength: float, p: float, generator: torch.Generator | None = None):
     """Batched colour jitter of 0-255 float images [B, 3, H, W], each image jittered with probability p.
 

@@ -73,11 +73,43 @@ def trainer_overrides(cfg: Config, roots: dict, iters: int, tiny: bool) -> list[
                 for role in ("source", "target", "val")}
     if cfg.data.target.pseudo_labels is not None:
         settings["data.target.pseudo_labels"] = roots["pseudo"]
+    settings.update(teacher_settings(cfg, roots))
     settings.update({"model.pretrained": "none", "train.iters": iters, "train.log_interval": 1,
                      "train.eval_interval": 0, "train.checkpoint_interval": 1000, "train.vis_images": 1})
     if tiny:
         settings.update(_tiny_settings(cfg))
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+def teacher_settings(cfg: Config, roots: dict) -> dict:
+    """distill: its teacher keys pointed at the stand-in `write_standin_teachers` wrote; {} for other strategies."""
+    if cfg.adapt.name != "distill":
+        return {}
+    config, checkpoint = roots["teachers"][cfg.adapt.teacher.config]
+    return {"adapt.teacher.config": config, "adapt.teacher.checkpoint": checkpoint}
+
+
+def write_standin_teachers(folder: Path, configs: list[Path], tiny: bool) -> dict[str, list[str]]:
+    """For each teacher config a distill config names: an untrained stand-in under `folder` (the teacher's config,
+    model.pretrained none and, with `tiny`, the check's target size; and a state-dict file of its model). The check
+    times the student's step, whose cost does not depend on the teacher's weights. {teacher config: [yaml, pt]}."""
+    from rtda.config import dump_config
+    from rtda.models import build_untrained
+
+    teachers: dict[str, list[str]] = {}
+    for path in configs:
+        cfg = load_config(path)
+        name = cfg.adapt.teacher.config
+        if cfg.adapt.name != "distill" or name in teachers:
+            continue
+        sizes = [f"data.target.size=[{TINY_HW[1]},{TINY_HW[0]}]"] if tiny else []
+        teacher_cfg = load_config(REPO_ROOT / name, ["model.pretrained=none", *sizes])
+        folder.mkdir(parents=True, exist_ok=True)
+        config_file, checkpoint = folder / f"{Path(name).stem}.yaml", folder / f"{Path(name).stem}.pt"
+        dump_config(teacher_cfg, config_file)
+        torch.save(build_untrained(teacher_cfg.model).state_dict(), checkpoint)
+        teachers[name] = [str(config_file), str(checkpoint)]
+    return teachers
 
 
 def memory_fits(peak_allocated: int) -> dict:
@@ -117,6 +149,7 @@ def check_config(path: Path, device: torch.device, roots: dict, work_dir: Path, 
     from rtda import engine as train
 
     cfg = load_config(path)
+    cfg = load_config(path, [f"{k}={v}" for k, v in teacher_settings(cfg, roots).items()])  # distill: stand-in
     cfg.train.amp = "auto"
     warmup, iters = steps
     size = TINY_HW if tiny else None
@@ -137,7 +170,8 @@ def check_config(path: Path, device: torch.device, roots: dict, work_dir: Path, 
         torch.cuda.empty_cache()
 
     def run_trainer():
-        run_cfg = load_config(path, trainer_overrides(cfg, roots, trainer_iters, tiny) + ["train.amp=auto"])
+        overrides = trainer_overrides(load_config(path), roots, trainer_iters, tiny)  # the config's own teacher key
+        run_cfg = load_config(path, overrides + ["train.amp=auto"])
         run_dir = train.train(run_cfg, work_dir=work_dir)
         try:
             metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -298,6 +332,7 @@ def _write_data(result: dict, data_dir: Path, configs: list[Path], tiny: bool) -
     # enough images for the largest batch of one process, and for the DDP run's 2 per process
     batches = [2 if tiny else load_config(p).train.batch_size for p in configs]
     roots = write_layout_tree(data_dir, max([4, *batches]), 2, stored)
+    roots["teachers"] = write_standin_teachers(data_dir / "teachers", configs, tiny)
     result["data"] = {"layouts": "GTA5 images/labels (palettised ids), Cityscapes leftImg8bit/gtFine labelIds",
                       "stored_hw": {k: list(v) for k, v in stored.items()},
                       "write_s": round(time.perf_counter() - t0, 1)}

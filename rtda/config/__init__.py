@@ -41,6 +41,7 @@ from rtda.config.schema import (
     ModelConfig,
     RareClassConfig,
     SyntheticConfig,
+    TeacherConfig,
     TrainConfig,
     TTAConfig,
 )
@@ -48,7 +49,7 @@ from rtda.config.schema import (
 __all__ = [
     "AUGMENTATIONS", "KEY_ROLES", "NOT_RESULT_KEYS", "RANGES", "RESUME_FREE_KEYS", "ROLES", "STRUCTURE_KEYS",
     "AdaptConfig", "AugmentConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "EvalConfig",
-    "ModelConfig", "RareClassConfig", "SyntheticConfig", "TTAConfig", "TrainConfig",
+    "ModelConfig", "RareClassConfig", "SyntheticConfig", "TTAConfig", "TeacherConfig", "TrainConfig",
     "check_ranges", "dump_config", "flatten", "from_dict", "learning_differences", "load_config",
     "parse_duration", "to_dict",
 ]

@@ -69,6 +69,7 @@ RANGES = {
     "adapt.pseudo_weight": "[0, inf)", "adapt.pseudo_percentile": "[0, 1]", "adapt.pseudo_cap": "[0, 1]",
     "adapt.mix_fraction": "(0, 1]", "adapt.ema_alpha": "[0, 1]", "adapt.pseudo_threshold": "[0, 1]",
     "adapt.jitter_p": "[0, 1]", "adapt.blur_p": "[0, 1]", "adapt.mix_weight": "[0, inf)",
+    "adapt.kd_lambda": "[0, inf)", "adapt.kd_temperature": "(0, inf)",
     "data.synthetic.num_source": "[1, inf)", "data.synthetic.num_target": "[1, inf)",
     "data.synthetic.num_val": "[1, inf)", "data.synthetic.height": "[8, inf)", "data.synthetic.width": "[8, inf)",
     **{f"data.augment.{p}": "[0, 1]" for p in AUGMENTATIONS},

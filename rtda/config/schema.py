@@ -148,6 +148,19 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The frozen teacher of `adapt.name: distill` (rtda/adapt/distill.py): a trained model of this project, built
+    from its own config (model section, input normalisation, data.target.size) and checkpoint. The teacher is not
+    in the student's checkpoint; the student's strategy state records the file's path and sha256, and a resume
+    with another file is refused."""
+
+    config: str | None = None  # the teacher's YAML config, e.g. configs/gta5_deeplabv2_daformer_dacs.yaml
+    checkpoint: str | None = None  # its trainer checkpoint (best.pt, last.pt) or a model state dict
+    # average the teacher's softmax of the target image and of its horizontal flip (flipped back)
+    flip: bool = False
+
+
+@dataclass
 class AdaptConfig:
     """Every constant of every adaptation recipe; defaults are the papers' values (docs/architecture.md).
 
@@ -156,8 +169,8 @@ class AdaptConfig:
     order is the order `dump_config` writes.
     """
 
-    name: Literal["none", "adversarial", "fda", "dacs", "minent", "advent", "mic"] = field(default="none",
-                                                                                           metadata=STRUCTURE)
+    name: Literal["none", "adversarial", "fda", "dacs", "minent", "advent", "mic", "distill"] = field(
+        default="none", metadata=STRUCTURE)
     # -- adversarial (AdaptSegNet): output-space discriminator(s) on the softmax of the upsampled logits.
     # AdvEnt (`advent`) reads these too: its discriminators see the self-information map.
     # A second discriminator on the first auxiliary output (model.aux); MinEnt reads it too (entropy of that output)
@@ -216,6 +229,13 @@ class AdaptConfig:
     mask_block: int = 64
     mask_ratio: float = 0.7
     mask_lambda: float = 1.0
+    # -- distill: a frozen adapted teacher's knowledge into the student on the target: CE on its pseudo-labels with
+    # DACS's confidence weight (pseudo_threshold), kd_lambda * T^2 * KL(teacher || student) at temperature T, and
+    # with `mix` ClassMix of source and target as DACS mixes (mix_*, jitter_*, blur_*, crop). Not a paper's values.
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    kd_lambda: float = 1.0
+    kd_temperature: float = 1.0
+    mix: bool = False
 
 
 @dataclass
