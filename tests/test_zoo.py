@@ -14,11 +14,13 @@ from rtda.config import from_dict
 from rtda.models import MODELS, build_model, deploy
 
 from test_adapt import FakeContext
+from test_distill import write_teacher
 
 ZOO = sorted(set(MODELS) - {"deeplabv2"})
 C, H, W = 5, 32, 64
 # each strategy with the parts that touch the network: multi-level discriminators on the first aux output, FDA's
-# entropy and its self-supervised round, DACS's teacher, DAFormer's feature distance, MIC's masked images
+# entropy and its self-supervised round, DACS's teacher, DAFormer's feature distance, MIC's masked images, and a
+# frozen teacher's labels and KL with ClassMix
 STRATEGIES = {
     "none": {"name": "none"},
     "adversarial_multi": {"name": "adversarial", "multi_level": True},
@@ -30,11 +32,14 @@ STRATEGIES = {
     "daformer_dacs": {"name": "dacs", "fd_lambda": 0.005, "fd_classes": [1, 2],
                       "pseudo_ignore_top": 8, "pseudo_ignore_bottom": 8},
     "mic": {"name": "mic"},
+    "distill": {"name": "distill", "mix": True},  # the teacher: `zoo_teacher`'s
 }
 
 
-def zoo_cfg(net: str, case: str):
+def zoo_cfg(net: str, case: str, teacher: tuple | None = None):
     keys = dict(STRATEGIES[case])
+    if case == "distill":
+        keys["teacher"] = {"config": str(teacher[0]), "checkpoint": str(teacher[1])}
     if case == "daformer_dacs" and not has_imagenet_features(net):
         keys.pop("fd_lambda"), keys.pop("fd_classes")  # trained from scratch: no ImageNet features to keep
     data = {"source": {"size": [W, H]}, "target": {"size": [W, H]}}
@@ -57,11 +62,17 @@ def batches(seed: int):
     return source, target
 
 
+@pytest.fixture(scope="module")
+def zoo_teacher(tmp_path_factory):
+    """A frozen BiSeNet-R18 teacher (untrained, target read at the students' size) for the distill case."""
+    return write_teacher(tmp_path_factory.mktemp("teacher"), classes=C, size=(W, H))
+
+
 @pytest.mark.parametrize("case", list(STRATEGIES))
 @pytest.mark.parametrize("net", ZOO)
-def test_every_strategy_trains_every_network_for_two_iterations(net, case):
+def test_every_strategy_trains_every_network_for_two_iterations(net, case, request):
     torch.manual_seed(0)
-    cfg = zoo_cfg(net, case)
+    cfg = zoo_cfg(net, case, request.getfixturevalue("zoo_teacher") if case == "distill" else None)
     model = build_model(cfg.model).train()
     strategy = adapt.build_strategy(cfg, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
