@@ -222,3 +222,20 @@ def test_a_missing_teacher_stops_train_py_before_a_run_folder(tmp_path, capsys):
     assert code == 1 and len(errors) == 1  # synthetic domains' generation, which reports on stderr
     assert "adapt.teacher.checkpoint = runs/" in errors[0] and "not found" in errors[0]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+
+
+# ------------------------------------------------------------------------------------------------ the table
+def test_the_table_trains_only_the_rows_asked_for_and_names_an_unknown_row(tmp_path, monkeypatch):
+    from rtda.experiments import distill_table
+    from rtda.experiments.common import ExperimentError
+
+    trained = []
+    monkeypatch.setattr(distill_table, "train_runs",
+                        lambda runs, overrides, work_dir, jobs, threads, after_each: trained.extend(runs) or [])
+    teacher, student = distill_table.TEACHER, distill_table.STUDENT
+    with pytest.raises(RuntimeError, match=f"{student} seed 0 skipped: its teacher"):
+        distill_table.run_distill_table(tmp_path, [0], [], only=[teacher, student])
+    assert [(name, seed) for name, seed, _ in trained] == [(teacher, 0)]  # no DACS or DAFormer-DACS row
+    with pytest.raises(ExperimentError, match="--rows gta5_bisenet_adv: not a row of this table; expected some of "
+                                              f"{teacher}, {student}, gta5_bisenet_dacs"):
+        distill_table.run_distill_table(tmp_path, [0], [], only=["gta5_bisenet_adv"])

@@ -2,7 +2,7 @@
 configs/synthetic/gta5_bisenet_r101_daformer_dacs.yaml), against the same student adapted on its own with DACS and
 with DAFormer-DACS, and the teacher itself, over seeds.
 
-    python -m rtda.experiments.distill_table --seeds 0 1 2 [--teacher CONFIG_NAME] [key=value ...]
+    python -m rtda.experiments.distill_table --seeds 0 1 2 [--teacher NAME] [--rows NAME ...] [key=value ...]
 
 Each run is a `train.py` process, one at a time, in seed order (teacher, student by distillation, DACS,
 DAFormer-DACS for seed 0 first), the student of seed N distilling the teacher of seed N (its last.pt); a teacher that
@@ -31,11 +31,17 @@ def rows(teacher: str) -> tuple[str, ...]:
 
 
 def run_distill_table(work_dir: Path, seeds: list[int], overrides: list[str], threads: int | None = None,
-                      teacher: str = TEACHER) -> str:
-    """Train the missing runs of `rows(teacher)` for each seed, one process at a time; return the markdown table
-    (also in work_dir/table.md). Raises RuntimeError listing the runs that failed once the others have finished."""
+                      teacher: str = TEACHER, only: list[str] | None = None) -> str:
+    """Train the missing runs of `rows(teacher)` (or of `only`, a subset of them: the student's own DACS and
+    DAFormer-DACS rows do not depend on the teacher, so a second teacher's table can leave them to the first's) for
+    each seed, one process at a time; return the markdown table (also in work_dir/table.md). Raises RuntimeError
+    listing the runs that failed once the others have finished."""
     if not (SYNTHETIC / f"{teacher}.yaml").is_file():
         raise ExperimentError(f"--teacher {teacher}: no configs/synthetic/{teacher}.yaml")
+    unknown = sorted(set(only or ()) - set(rows(teacher)))
+    if unknown:
+        raise ExperimentError(f"--rows {' '.join(unknown)}: not a row of this table; expected some of "
+                              f"{', '.join(rows(teacher))}")
     check_work_dir(work_dir, overrides)
     results = finished_runs(work_dir)
 
@@ -46,7 +52,7 @@ def run_distill_table(work_dir: Path, seeds: list[int], overrides: list[str], th
     failed = []
     for seed in seeds:
         for name in rows(teacher):
-            if (name, seed) in results:
+            if (name, seed) in results or (only and name not in only):
                 continue
             extra = []
             if name == STUDENT:
@@ -88,12 +94,14 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="default: runs/distill_table_TEACHER")
     parser.add_argument("--teacher", default=TEACHER, help=f"synthetic config of the teacher (default {TEACHER})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rows", nargs="+", default=None, metavar="CONFIG_NAME",
+                        help="train only these rows (default: every row)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each run (default: every core)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     args = parser.parse_args(argv)
     try:
         work_dir = args.work_dir or Path(f"runs/distill_table_{args.teacher}")
-        print(run_distill_table(work_dir, args.seeds, args.overrides, args.threads, args.teacher))
+        print(run_distill_table(work_dir, args.seeds, args.overrides, args.threads, args.teacher, args.rows))
     except (ExperimentError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
