@@ -89,7 +89,7 @@ def test_every_protocol_config_reads_the_written_layouts(tiny_tree, tmp_path):
     tiny_tree = {**tiny_tree, "teachers": gpu_check.write_standin_teachers(tmp_path, configs, tiny=True)}
     assert {p.stem for p in configs} >= {"cityscapes_bisenet", "gta5_bisenet_fda_ssl", "gta5_deeplabv2_dacs"}
     assert not any("synthetic" in str(p) or "_base_" in str(p) for p in configs)
-    deeplab = None
+    models = {}  # one model per distinct model section (each costs up to a second to build)
     for path in configs:
         cfg = load_config(path)
         assert cfg.train.amp == "auto", path
@@ -101,12 +101,10 @@ def test_every_protocol_config_reads_the_written_layouts(tiny_tree, tmp_path):
             item = build_dataset(getattr(run_cfg.data, role), run_cfg, role)[0]
             assert item["image"].shape == (3, 32, 64), (path.stem, role)
             assert ("label" in item) == (role != "target" or cfg.data.target.pseudo_labels is not None)
-        if run_cfg.model.name == "deeplabv2":  # one DeepLabV2 for all (each costs a second to build)
-            deeplab = build_model(run_cfg.model) if deeplab is None else deeplab
-            model = deeplab
-        else:
-            model = build_model(run_cfg.model)
-        build_strategy(run_cfg, model)  # e.g. DACS's crop must fit the tiny sizes
+        key = repr(run_cfg.model)
+        if key not in models:
+            models[key] = build_model(run_cfg.model)
+        build_strategy(run_cfg, models[key])  # e.g. DACS's crop must fit the tiny sizes
 
 
 def test_init_distributed_shares_one_gpu_over_gloo(monkeypatch):

@@ -6,8 +6,10 @@ its RANGES entry names the range. `dump_config` writes YAML that `load_config` r
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -151,20 +153,28 @@ def _read_yaml(path: Path) -> dict:
         bom = " (a UTF-16 byte-order mark)" if path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise ConfigError(f"{path}: not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}{bom}; "
                           "expected a UTF-8 file (re-save it as UTF-8)") from None
-    try:
-        loader = _StrictLoader(text)
-        loader.name = str(path)
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    data = _parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    return copy.deepcopy(data)  # the caller merges into it; the cached parse stays as read
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_yaml(text: str, name: str) -> Any:
+    """The YAML document in `text` (read from file `name`), cached by content: the pure-Python strict loader costs
+    milliseconds a file, and tools that load every config (gpu-check, the tables, the tests) read each `_base_` file
+    dozens of times."""
+    try:
+        loader = _StrictLoader(text)
+        loader.name = name
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: not valid YAML ({exc})") from None
 
 
 def _deep_merge(into: dict, new: dict) -> None:
