@@ -52,7 +52,6 @@ def test_overrides_use_dotted_names(leaf):
     assert cfg.data.source.size == [64, 32] and cfg.train.iters is None
 
 
-
 def test_a_file_read_again_gives_its_current_content_and_no_earlier_override(leaf):
     """The parsed YAML is cached by content: an override or merge never reaches the cache, an edit always does."""
     assert load_config(leaf, ["data.source.size=[64, 32]", "train.epochs=7"]).train.epochs == 7
@@ -60,6 +59,7 @@ def test_a_file_read_again_gives_its_current_content_and_no_earlier_override(lea
     assert again.train.epochs == 3 and again.data.source.size == [1280, 720]
     write(leaf.parent / "_base_" / "data.yaml", "data:\n  source: {name: gta5, root: /d/GTA5, size: [640, 360]}\n")
     assert load_config(leaf).data.source.size == [640, 360]
+
 
 @pytest.mark.parametrize("override, words", [
     ("train.lrr=1", ["unknown key `train.lrr`", "did you mean `train.lr`"]),
